@@ -1,0 +1,111 @@
+"""Closed-form parameter and MAC counts, from per-layer counters.
+
+These walk the same `stage_plan` as the builder, so a candidate can be
+judged against the budget in microseconds, before any weight exists.
+MACs count the multiply-accumulates of convolutions and the linear head
+per image (BatchNorm, activations, pooling and additions are not counted).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from models.spec import ArchSpec, BlockPlan, StagePlan, stage_plan
+
+
+def conv_params(cin: int, cout: int, k: int) -> int:
+    return cin * cout * k * k  # bias-free: a BatchNorm follows every conv
+
+
+def conv_macs(cin: int, cout: int, k: int, out_side: int) -> int:
+    return cin * cout * k * k * out_side * out_side
+
+
+def bn_params(c: int) -> int:
+    return 2 * c
+
+
+def linear_params(fin: int, fout: int) -> int:
+    return fin * fout + fout
+
+
+def block_params(b: BlockPlan) -> int:
+    cin, c = b.in_channels, b.out_channels
+    n = conv_params(cin, c, b.kernel) + conv_params(c, c, b.kernel) + 2 * bn_params(c)
+    if b.has_skip_conv:
+        n += conv_params(cin, c, b.skip_kernel) + bn_params(c)
+    return n
+
+
+def block_macs(b: BlockPlan) -> int:
+    cin, c, side = b.in_channels, b.out_channels, b.out_size
+    n = conv_macs(cin, c, b.kernel, side) + conv_macs(c, c, b.kernel, side)
+    if b.has_skip_conv:
+        n += conv_macs(cin, c, b.skip_kernel, side)
+    return n
+
+
+def stage_params(s: StagePlan) -> int:
+    return block_params(s.first) + s.repeats * block_params(s.rest)
+
+
+def stage_macs(s: StagePlan) -> int:
+    return block_macs(s.first) + s.repeats * block_macs(s.rest)
+
+
+def stem_params(spec: ArchSpec) -> int:
+    return conv_params(spec.in_channels, spec.stem_channels, spec.stem_kernel) + bn_params(
+        spec.stem_channels
+    )
+
+
+def stem_macs(spec: ArchSpec) -> int:
+    return conv_macs(spec.in_channels, spec.stem_channels, spec.stem_kernel, spec.input_size)
+
+
+def count_params(spec: ArchSpec) -> int:
+    """Exactly `sum(p.numel() for p in build_model(spec).parameters())`."""
+    body = sum(stage_params(s) for s in stage_plan(spec))
+    return stem_params(spec) + body + linear_params(spec.head_features, spec.num_classes)
+
+
+def count_macs(spec: ArchSpec) -> int:
+    """Conv and linear multiply-accumulates for one image."""
+    body = sum(stage_macs(s) for s in stage_plan(spec))
+    return stem_macs(spec) + body + spec.head_features * spec.num_classes
+
+
+class Row(NamedTuple):
+    """One line of the summary: a part of the network and what it costs."""
+
+    name: str
+    out_channels: int
+    out_size: int
+    params: int
+    macs: int
+
+
+def breakdown(spec: ArchSpec) -> list[Row]:
+    """Stem, each stage and the head, in order; the totals are their sums."""
+    rows = [Row("stem", spec.stem_channels, spec.input_size, stem_params(spec), stem_macs(spec))]
+    for i, s in enumerate(stage_plan(spec)):
+        rows.append(
+            Row(
+                f"stage{i + 1}",
+                s.first.out_channels,
+                s.first.out_size,
+                stage_params(s),
+                stage_macs(s),
+            )
+        )
+    fin = spec.head_features
+    rows.append(
+        Row(
+            "head",
+            spec.num_classes,
+            1,
+            linear_params(fin, spec.num_classes),
+            fin * spec.num_classes,
+        )
+    )
+    return rows

@@ -1,0 +1,1 @@
+"""The search service: space, data, trainer, objective, study, CLIs."""
