@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 from hypothesis import HealthCheck, given, settings
-from strategies import arch_specs
 from torch import nn
 
 from models import ArchSpec, build_model, count_macs, count_params, load_arch
 from models.presets import PRESETS
+
+from strategies import arch_specs
 
 
 def hooked_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:

@@ -9,10 +9,11 @@ import sys
 
 import pytest
 from hypothesis import given, settings
-from strategies import arch_specs
 
 from models import ArchSpec, load_arch
 from models.presets import PRESETS
+
+from strategies import arch_specs
 
 DESIGN = PRESETS["resnet18-2111"].to_dict()
 

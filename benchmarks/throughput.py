@@ -1,0 +1,162 @@
+"""Training images/s: search/train.py against the classic DataLoader loop.
+
+python -m benchmarks.throughput [--device cpu|cuda] [--preset resnet18-2111]
+
+Same model, same CIFAR-shaped uint8 data (random pixels: throughput does not
+depend on content, and CIFAR-10 cannot be downloaded everywhere), same
+optimizer, same device. The classic loop is what most CIFAR-10 code runs:
+PIL images, RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor +
+Normalize in DataLoader workers, fp32. On CUDA it is also run with this
+trainer's compute settings (bf16 autocast, channels_last) so the gain of the
+data pipeline alone is visible. The first epoch of each is a warm-up; the
+second is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmarks.machine import save
+from models import count_params
+from models.presets import preset
+from search.train import TrainConfig, make_optimizer, resolve_device, train
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+class UInt8Images(torch.utils.data.Dataset):
+    """A CIFAR10-like dataset: PIL image per item, torchvision transforms."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform) -> None:
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+def classic_loop(
+    spec,
+    cfg: TrainConfig,
+    x: np.ndarray,
+    y: np.ndarray,
+    device: torch.device,
+    workers: int,
+    fast_compute: bool,
+) -> float:
+    """Images/s of the second epoch of the classic pipeline."""
+    import torchvision.transforms as T
+
+    transform = T.Compose(
+        [
+            T.RandomCrop(32, padding=4),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
+    loader = torch.utils.data.DataLoader(
+        UInt8Images(x, y, transform),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    torch.manual_seed(cfg.seed)
+    from models import build_model
+
+    fmt = torch.channels_last if fast_compute else torch.contiguous_format
+    model = build_model(spec).to(device, memory_format=fmt)
+    opt = make_optimizer(model, cfg)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    amp = fast_compute and device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rate = 0.0
+    for _epoch in range(2):
+        t0, seen = time.perf_counter(), 0
+        for xb, yb in loader:
+            xb = xb.to(device, non_blocking=True, memory_format=fmt)
+            yb = yb.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = criterion(model(xb).float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(yb)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rate = seen / (time.perf_counter() - t0)
+    return rate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--preset", default="resnet18-2111")
+    ap.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="images per epoch (default: 50,000 on CUDA, 1,536 on the CPU)",
+    )
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers of the classic loop (default: min(8, cores))",
+    )
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    n = args.images or (50_000 if cuda else 1_536)
+    bs = args.batch_size or (512 if cuda else 128)
+    import os
+
+    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    spec = preset(args.preset)
+    cfg = TrainConfig(epochs=2, batch_size=bs, lr=0.05, label_smoothing=0.1)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, n).astype(np.int64)
+    print(
+        f"{args.preset} ({count_params(spec):,} params) on {device}, {n:,} images/epoch, "
+        f"batch {bs}, classic loop with {workers} workers"
+    )
+
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    res = train(spec, cfg, xt, torch.from_numpy(y), mean=MEAN, std=STD, device=device)
+    ours = res.history[-1].images_per_s
+    print(f"  this trainer:            {ours:10,.0f} images/s")
+    classic = classic_loop(spec, cfg, x, y, device, workers, fast_compute=False)
+    print(f"  classic DataLoader loop: {classic:10,.0f} images/s   ratio {ours / classic:.2f}x")
+    result = {
+        "preset": args.preset,
+        "params": count_params(spec),
+        "images": n,
+        "batch_size": bs,
+        "classic_workers": workers,
+        "trainer_images_per_s": ours,
+        "classic_images_per_s": classic,
+        "ratio": ours / classic,
+    }
+    if cuda:
+        fast = classic_loop(spec, cfg, x, y, device, workers, fast_compute=True)
+        print(f"  classic, bf16 + channels_last: {fast:10,.0f} images/s   ratio {ours / fast:.2f}x")
+        result.update(classic_fast_compute_images_per_s=fast, ratio_fast_compute=ours / fast)
+    print(f"wrote {save('throughput', result, str(device))}")
+
+
+if __name__ == "__main__":
+    main()

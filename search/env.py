@@ -1,0 +1,34 @@
+"""What produced a number: library versions and the device, stored with every result."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+import torch
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("budget-nas", "torch", "torchvision", "optuna"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    """`NVIDIA H100 80GB HBM3` on CUDA; the CPU model and thread count otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"

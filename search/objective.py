@@ -1,0 +1,172 @@
+"""One trial: sample -> budget gate -> train -> report and prune.
+
+The gate counts parameters (and MACs) in closed form; a candidate over the
+limit is rejected before any model or tensor exists, and its excess is set as
+a constraint so TPE learns how far over it was.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import optuna
+import torch
+
+from models import ArchSpec, count_macs, count_params
+from search import space
+from search.data import Dataset, channel_stats, stratified_split, subset
+from search.env import device_name
+from search.train import EpochStats, OutOfMemory, TrainConfig, TrainingDiverged, train
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """The training and validation split the trials see; the test split stays out."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(channels, size, classes): what the sampled architectures must take."""
+        return self.train_x.shape[1], self.train_x.shape[2], self.num_classes
+
+
+def search_split(
+    ds: Dataset, seed: int, train_images: int | None = None, val_images: int | None = None
+) -> SearchData:
+    """Hold out a stratified validation split (5,000 images from 50,000+, else 10%).
+
+    `train_images` / `val_images` shrink both to stratified subsets (--quick).
+    """
+    n = len(ds.train_y)
+    keep, val = stratified_split(ds.train_y, 5000 if n >= 50_000 else 0.1, seed)
+    if train_images:
+        keep = keep[subset(ds.train_y[keep], train_images, seed)]
+    if val_images:
+        val = val[subset(ds.train_y[val], val_images, seed)]
+    x, y = ds.train_x[keep], ds.train_y[keep]
+    mean, std = channel_stats(x)
+    return SearchData(ds.name, x, y, ds.train_x[val], ds.train_y[val], mean, std, ds.num_classes)
+
+
+@dataclass(frozen=True)
+class Limits:
+    budget: int  # parameters
+    max_macs: int | None = None  # per image; None: no compute limit
+
+    def violations(self, params: int, macs: int) -> dict[str, int]:
+        """Constraint values: > 0 is over the limit by that much."""
+        out = {"params": params - self.budget}
+        if self.max_macs is not None:
+            out["macs"] = macs - self.max_macs
+        return out
+
+
+def trial_seed(seed: int, number: int) -> int:
+    return (seed * 1_000_003 + number) % 2**31
+
+
+def gate(trial: optuna.Trial, spec: ArchSpec, limits: Limits) -> str | None:
+    """Record size and constraints; the reason it is over a limit, or None."""
+    params, macs = count_params(spec), count_macs(spec)
+    trial.set_user_attr("params", params)
+    trial.set_user_attr("macs", macs)
+    trial.set_user_attr("arch", spec.to_json(indent=None))
+    over = []
+    for key, excess in limits.violations(params, macs).items():
+        trial.set_constraint(key, excess)
+        if excess > 0:
+            limit = limits.budget if key == "params" else limits.max_macs
+            over.append(f"{key} {excess + limit:,} > {limit:,}")
+    return "over the limit: " + ", ".join(over) if over else None
+
+
+class Objective:
+    """Callable for `study.optimize`; holds the data on the training device."""
+
+    def __init__(
+        self, data: SearchData, limits: Limits, epochs: int, seed: int, device: torch.device
+    ) -> None:
+        self.data, self.limits, self.epochs, self.seed = data, limits, epochs, seed
+        self.device = device
+        self.device_name = device_name(device)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        spec = space.suggest_arch(trial, *self.data.shape)
+        cfg = space.suggest_training(trial, self.epochs, trial_seed(self.seed, trial.number))
+        reason = gate(trial, spec, self.limits)
+        if reason is not None:
+            trial.set_user_attr("rejected", reason)
+            raise optuna.TrialPruned(reason)
+        trial.set_user_attr("training", cfg.to_dict())
+        trial.set_user_attr("seed", cfg.seed)
+        trial.set_user_attr("device", self.device_name)
+        curve: list[float] = []
+
+        def report(stats: EpochStats, _model: torch.nn.Module) -> None:
+            curve.append(stats.val_acc)
+            trial.report(stats.val_acc, stats.epoch)
+            if trial.should_prune():
+                why = (
+                    f"median rule at epoch {stats.epoch}: validation accuracy "
+                    f"{stats.val_acc:.4f} is below the median of earlier trials"
+                )
+                trial.set_user_attr("pruned", why)
+                trial.set_user_attr("val_curve", curve)
+                raise optuna.TrialPruned(why)
+
+        d = self.data
+        try:
+            result = train(
+                spec,
+                cfg,
+                d.train_x,
+                d.train_y,
+                d.val_x,
+                d.val_y,
+                mean=d.mean,
+                std=d.std,
+                device=self.device,
+                on_epoch=report,
+            )
+        except TrainingDiverged as e:
+            trial.set_user_attr("pruned", f"diverged: {e}")
+            raise optuna.TrialPruned(f"diverged: {e}") from None
+        except OutOfMemory as e:
+            trial.set_user_attr("failed", str(e))
+            raise
+        trial.set_user_attr("val_curve", curve)
+        trial.set_user_attr("val_loss", result.history[-1].val_loss)
+        trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
+        trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
+        return curve[-1]
+
+
+def trial_arch(trial: optuna.trial.FrozenTrial) -> ArchSpec:
+    """The exact architecture a trial recorded."""
+    return ArchSpec.from_dict(json.loads(trial.user_attrs["arch"]))
+
+
+def replay(trial: optuna.trial.FrozenTrial, data: SearchData, device: torch.device) -> float:
+    """Train a recorded trial again from its architecture, settings and seed."""
+    cfg = TrainConfig.from_dict(trial.user_attrs["training"])
+    result = train(
+        trial_arch(trial),
+        cfg,
+        data.train_x,
+        data.train_y,
+        data.val_x,
+        data.val_y,
+        mean=data.mean,
+        std=data.std,
+        device=device,
+    )
+    return result.history[-1].val_acc
