@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if storage.startswith("sqlite:///") and not Path(storage[10:]).exists():
             raise StudyError(f"no study database at {storage[10:]}; pass --storage")
-        study = open_study(storage, args.study_name, create=False, heartbeat=False)
+        study = open_study(storage, args.study_name, create=False, heartbeat=None)
         data = export_trial(study, select_trial(study, args.trial))
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)

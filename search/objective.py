@@ -8,7 +8,12 @@ a constraint so TPE learns how far over it was.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 import torch
@@ -70,6 +75,9 @@ class Limits:
         return out
 
 
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process trained a trial
+
+
 def trial_seed(seed: int, number: int) -> int:
     return (seed * 1_000_003 + number) % 2**31
 
@@ -89,15 +97,31 @@ def gate(trial: optuna.Trial, spec: ArchSpec, limits: Limits) -> str | None:
     return "over the limit: " + ", ".join(over) if over else None
 
 
+class StudyFull(Exception):
+    """Every training slot of the study is taken; this candidate is not trained."""
+
+
 class Objective:
-    """Callable for `study.optimize`; holds the data on the training device."""
+    """Callable for `study.optimize`; holds the data on the training device.
+
+    `claim(trial)` is asked before training a candidate that passed the gate;
+    it returns False when the study's global trial count is reached.
+    """
 
     def __init__(
-        self, data: SearchData, limits: Limits, epochs: int, seed: int, device: torch.device
+        self,
+        data: SearchData,
+        limits: Limits,
+        epochs: int,
+        seed: int,
+        device: torch.device,
+        claim: Callable[[optuna.Trial], bool] | None = None,
+        artifacts: Path | None = None,
     ) -> None:
         self.data, self.limits, self.epochs, self.seed = data, limits, epochs, seed
-        self.device = device
+        self.device, self.claim = device, claim
         self.device_name = device_name(device)
+        self.artifacts = artifacts
 
     def __call__(self, trial: optuna.Trial) -> float:
         spec = space.suggest_arch(trial, *self.data.shape)
@@ -106,9 +130,13 @@ class Objective:
         if reason is not None:
             trial.set_user_attr("rejected", reason)
             raise optuna.TrialPruned(reason)
+        if self.claim is not None and not self.claim(trial):
+            trial.set_user_attr("failed", "not trained: the study reached its trial count")
+            raise StudyFull(f"trial {trial.number}: the study reached its trial count")
         trial.set_user_attr("training", cfg.to_dict())
         trial.set_user_attr("seed", cfg.seed)
         trial.set_user_attr("device", self.device_name)
+        trial.set_user_attr("worker", WORKER)
         curve: list[float] = []
 
         def report(stats: EpochStats, _model: torch.nn.Module) -> None:
@@ -147,7 +175,25 @@ class Objective:
         trial.set_user_attr("val_loss", result.history[-1].val_loss)
         trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
         trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
+        if self.artifacts is not None:
+            attach_arch(trial, spec, self.artifacts)
         return curve[-1]
+
+
+def attach_arch(trial: optuna.Trial, spec: ArchSpec, artifacts: Path) -> None:
+    """The trial's architecture JSON as an artifact that optuna-dashboard shows."""
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"trial-{trial.number}-arch.json"
+        path.write_text(spec.to_json() + "\n")
+        upload_artifact(
+            artifact_store=FileSystemArtifactStore(str(artifacts)),
+            file_path=str(path),
+            study_or_trial=trial,
+            mimetype="application/json",
+        )
 
 
 def trial_arch(trial: optuna.trial.FrozenTrial) -> ArchSpec:

@@ -10,6 +10,8 @@ import argparse
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 
 from models import count_macs, count_params
 from models.presets import PRESETS, preset
@@ -24,21 +27,25 @@ from search import space
 from search.cli import Parser
 from search.data import DataError, default_data_dir, load_dataset
 from search.export import export_trial, write_json
-from search.objective import Limits, Objective, SearchData, search_split
+from search.objective import Limits, Objective, SearchData, StudyFull, search_split
 from search.study import (
+    GRACE_S,
+    HEARTBEAT_S,
     StudyError,
     best_trial,
+    claim_slot,
     counts,
     default_storage,
     is_rejected,
     open_study,
     safe_url,
+    wait_for_slot,
 )
 from search.train import OutOfMemory, TrainConfig, resolve_device, train
 
 # A CPU demo: a stratified subset, short trials, and a compute cap so that a
 # trial takes seconds on two cores. Printed at start.
-QUICK = {"train_images": 2000, "val_images": 1000, "epochs": 3, "max_macs": 40_000_000}
+QUICK = {"train_images": 4000, "val_images": 1000, "epochs": 3, "max_macs": 40_000_000}
 MAX_CONSECUTIVE_REJECTIONS = 500
 
 
@@ -132,13 +139,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="validate on a stratified subset of this many images",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes on this machine, one GPU each when there are GPUs",
+    )
+    ap.add_argument(
+        "--heartbeat",
+        type=int,
+        default=HEARTBEAT_S,
+        help=f"seconds between a running trial's heartbeats (default {HEARTBEAT_S})",
+    )
+    ap.add_argument(
+        "--grace",
+        type=int,
+        default=GRACE_S,
+        help="seconds without a heartbeat before a trial counts as dead and is "
+        f"retried (default {GRACE_S})",
+    )
+    ap.add_argument(
+        "--artifact-dir",
+        default=None,
+        help="optuna-dashboard artifacts (default studies/NAME/artifacts)",
+    )
+    ap.add_argument(
+        "--create-only",
+        action="store_true",
+        help="create the study (settings, warm starts) and exit; workers join it",
+    )
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
     args.epochs = args.epochs or 15
-    for name in ("trials", "epochs", "train_images", "val_images"):
+    for name in ("trials", "epochs", "train_images", "val_images", "workers", "heartbeat"):
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -149,6 +186,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.dataset.removeprefix("folder:"))
         args.study_name = f"{name}-{human(args.budget)}" + ("-quick" if args.quick else "")
     args.storage = args.storage or default_storage(args.study_name)
+    if args.grace <= args.heartbeat:
+        ap.error(f"--grace ({args.grace}) must be longer than --heartbeat ({args.heartbeat})")
     return args
 
 
@@ -172,12 +211,26 @@ def fingerprint(args: argparse.Namespace, data: SearchData) -> dict[str, Any]:
     }
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as typed, with any storage password masked (it is stored and shown)."""
+    out, mask_next = [], False
+    for a in argv:
+        if mask_next:
+            a, mask_next = safe_url(a), False
+        elif a == "--storage":
+            mask_next = True
+        elif a.startswith("--storage="):
+            a = "--storage=" + safe_url(a.removeprefix("--storage="))
+        out.append(a)
+    return shlex.join(["python", "-m", "search.run", *out])
+
+
 def check_or_record(study: optuna.Study, fp: dict[str, Any], argv: list[str]) -> None:
     attrs = study.user_attrs
     if "space_version" not in attrs:
         for key, value in fp.items():
             study.set_user_attr(key, value)
-        study.set_user_attr("command", shlex.join(["python", "-m", "search.run", *argv]))
+        study.set_user_attr("command", command_line(argv))
         return
     diff = [f"{k} {attrs.get(k)!r} (this run: {v!r})" for k, v in fp.items() if attrs.get(k) != v]
     if diff:
@@ -201,15 +254,34 @@ def setup(args: argparse.Namespace, argv: list[str]) -> Setup:
             f"nothing in the search space fits: the smallest candidate has {floor_params:,} "
             f"params and {floor_macs:,} MACs; raise --budget (or --max-macs)"
         )
-    study = open_study(args.storage, args.study_name, seed=args.seed, epochs=args.epochs)
-    check_or_record(study, fingerprint(args, data), argv)
-    for name in args.enqueue:
+    study = open_study(
+        args.storage,
+        args.study_name,
+        seed=args.seed,
+        epochs=args.epochs,
+        heartbeat=(args.heartbeat, args.grace),
+    )
+    if not args.worker:
+        check_or_record(study, fingerprint(args, data), argv)
+    for name in [] if args.worker else args.enqueue:
         spec = preset(name, *data.shape)
         study.enqueue_trial(
             space.preset_params(spec), skip_if_exists=True, user_attrs={"preset": name}
         )
-    objective = Objective(data, Limits(args.budget, args.max_macs), args.epochs, args.seed, device)
+    objective = Objective(
+        data,
+        Limits(args.budget, args.max_macs),
+        args.epochs,
+        args.seed,
+        device,
+        claim=lambda t: claim_slot(study, t, args.trials, args.storage),
+        artifacts=artifact_dir(args),
+    )
     return Setup(study, objective, data)
+
+
+def artifact_dir(args: argparse.Namespace) -> Path:
+    return Path(args.artifact_dir or Path("studies") / args.study_name / "artifacts")
 
 
 def estimate_cpu_trial(data: SearchData, epochs: int) -> float:
@@ -231,7 +303,7 @@ def estimate_cpu_trial(data: SearchData, epochs: int) -> float:
 
 
 class Progress:
-    """Trained / pruned / rejected counts and the best so far, after every trial."""
+    """A bar of trained candidates with the counts and the best so far."""
 
     def __init__(self, target: int, enabled: bool) -> None:
         from tqdm import tqdm
@@ -240,30 +312,38 @@ class Progress:
         self.bar = tqdm(
             total=target, unit="trial", disable=not enabled, dynamic_ncols=True, file=sys.stderr
         )
-        self.consecutive_rejections = 0
-        self.gave_up = False
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        trials = study.get_trials(deepcopy=False)
-        c = counts(trials)
-        self.consecutive_rejections = self.consecutive_rejections + 1 if is_rejected(trial) else 0
+    def show(self, study: optuna.Study) -> dict[str, int]:
+        c = counts(study.get_trials(deepcopy=False))
         best = best_trial(study)
         self.bar.n = min(c["trained"], self.target)
         self.bar.set_postfix_str(
             f"complete {c['complete']} pruned {c['pruned']} rejected {c['rejected']} "
-            f"failed {c['failed']} best {best.value:.4f}"
-            if best
-            else f"complete 0 pruned {c['pruned']} rejected {c['rejected']} failed {c['failed']}",
+            f"failed {c['failed']}" + (f" best {best.value:.4f}" if best else ""),
             refresh=True,
         )
-        if c["trained"] >= self.target:
-            study.stop()
-        elif self.consecutive_rejections >= MAX_CONSECUTIVE_REJECTIONS:
-            self.gave_up = True
-            study.stop()
+        return c
 
     def close(self) -> None:
         self.bar.close()
+
+
+class AfterTrial:
+    """The callback after every trial: show progress, then wait for a free slot or stop."""
+
+    def __init__(self, progress: Progress, target: int) -> None:
+        self.progress, self.target = progress, target
+        self.consecutive_rejections = 0
+        self.gave_up = False
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.progress.show(study)
+        self.consecutive_rejections = self.consecutive_rejections + 1 if is_rejected(trial) else 0
+        if self.consecutive_rejections >= MAX_CONSECUTIVE_REJECTIONS:
+            self.gave_up = True
+            study.stop()
+        elif not wait_for_slot(study, self.target):
+            study.stop()
 
 
 def summary(study: optuna.Study, top: int = 5) -> str:
@@ -295,12 +375,22 @@ def summary(study: optuna.Study, top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def write_best(study: optuna.Study, out_dir: Path) -> Path | None:
+def write_best(study: optuna.Study, out_dir: Path, artifacts: Path) -> Path | None:
+    """studies/<study>/best.json, also attached to the study for the dashboard."""
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
     best = best_trial(study)
     if best is None:
         return None
     path = out_dir / "best.json"
     write_json(path, export_trial(study, best))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    upload_artifact(
+        artifact_store=FileSystemArtifactStore(str(artifacts)),
+        file_path=str(path),
+        study_or_trial=study,
+        mimetype="application/json",
+    )
     return path
 
 
@@ -333,6 +423,97 @@ def announce(args: argparse.Namespace, s: Setup) -> None:
         )
 
 
+def optimize(args: argparse.Namespace, s: Setup) -> tuple[bool, bool]:
+    """Run trials until the study's count is reached: (interrupted, gave up)."""
+    progress = Progress(args.trials, enabled=not args.no_progress)
+    after = AfterTrial(progress, args.trials)
+    progress.show(s.study)
+    try:
+        if wait_for_slot(s.study, args.trials):
+            s.study.optimize(
+                s.objective,
+                timeout=args.timeout,
+                callbacks=[after],
+                catch=(OutOfMemory, StudyFull),
+                gc_after_trial=False,
+            )
+    except KeyboardInterrupt:
+        return True, after.gave_up
+    finally:
+        progress.close()
+    return False, after.gave_up
+
+
+def supervise(args: argparse.Namespace, argv: list[str], s: Setup) -> bool:
+    """Start --workers processes on this study and follow them; True if interrupted.
+
+    Each worker is this command with --worker; with GPUs, worker i sees only
+    GPU i % count (CUDA_VISIBLE_DEVICES). Logs go to studies/<study>/worker-<i>.log.
+    """
+    log_dir = Path("studies") / args.study_name
+    log_dir.mkdir(parents=True, exist_ok=True)
+    child_argv = strip_flag(argv, "--workers")
+    child_argv += [
+        "--worker",
+        "--no-progress",
+        "--storage",
+        args.storage,
+        "--study-name",
+        args.study_name,
+    ]
+    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
+    procs = []
+    for i in range(args.workers):
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        log = (log_dir / f"worker-{i}.log").open("a")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "search.run", *child_argv],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    where = f"GPUs 0-{gpus - 1}" if gpus else "the CPU"
+    print(f"{args.workers} workers on {where}; logs in {log_dir}/worker-*.log", flush=True)
+    progress = Progress(args.trials, enabled=not args.no_progress)
+    interrupted = False
+    try:
+        while any(p.poll() is None for p in procs):
+            progress.show(s.study)
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        interrupted = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+    finally:
+        progress.show(s.study)
+        progress.close()
+    bad = [i for i, p in enumerate(procs) if p.returncode not in (0, 130, -signal.SIGINT)]
+    if bad:
+        print(f"warning: worker(s) {bad} exited with an error; see their logs", file=sys.stderr)
+    return interrupted
+
+
+def strip_flag(argv: list[str], flag: str) -> list[str]:
+    """argv without `flag VALUE` / `flag=VALUE`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -342,33 +523,35 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataError, StudyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.worker:
+        interrupted, gave_up = optimize(args, s)
+        return 130 if interrupted else 1 if gave_up else 0
     announce(args, s)
-    out_dir = Path("studies") / args.study_name
-    progress = Progress(args.trials, enabled=not args.no_progress)
-    interrupted = False
+    if args.create_only:
+        print(f"study {args.study_name!r} is ready; start workers with the same --study-name")
+        return 0
     start = time.perf_counter()
-    try:
-        if counts(s.study.get_trials(deepcopy=False))["trained"] < args.trials:
-            s.study.optimize(
-                s.objective,
-                timeout=args.timeout,
-                callbacks=[progress],
-                catch=(OutOfMemory,),
-                gc_after_trial=False,
-            )
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        progress.close()
-    elapsed = time.perf_counter() - start
+    if args.workers > 1:
+        interrupted, gave_up = supervise(args, argv, s), False
+    else:
+        interrupted, gave_up = optimize(args, s)
+    return finish(args, s, time.perf_counter() - start, interrupted, gave_up)
+
+
+def finish(
+    args: argparse.Namespace, s: Setup, elapsed: float, interrupted: bool, gave_up: bool
+) -> int:
+    """Summary table, best.json, the dashboard command and how to resume."""
     print(summary(s.study))
-    path = write_best(s.study, out_dir)
+    path = write_best(s.study, Path("studies") / args.study_name, artifact_dir(args))
     print(
         f"{'interrupted' if interrupted else 'finished'} after {elapsed:.0f}s; "
         + (f"best architecture: {path}" if path else "no completed trial yet, no best.json")
     )
-    print(f"dashboard: optuna-dashboard {safe_url(args.storage)}")
-    if progress.gave_up:
+    print(
+        f"dashboard: optuna-dashboard {safe_url(args.storage)} --artifact-dir {artifact_dir(args)}"
+    )
+    if gave_up:
         print(
             f"stopped: the last {MAX_CONSECUTIVE_REJECTIONS} candidates were all over the "
             "limits; raise --budget (or --max-macs)",

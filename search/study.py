@@ -7,6 +7,10 @@ worker died is failed and retried by `RetryHeartbeatStaleTrialCallback`.
 
 from __future__ import annotations
 
+import fcntl
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,10 @@ def safe_url(url: str) -> str:
         return "<unparseable storage URL>"
 
 
-def make_storage(url: str, heartbeat: bool = True) -> RDBStorage:
+Heartbeat = tuple[int, int] | None  # (interval, grace period) in seconds; None: off
+
+
+def make_storage(url: str, heartbeat: Heartbeat = (HEARTBEAT_S, GRACE_S)) -> RDBStorage:
     """An RDBStorage with pool settings fit for one worker process."""
     try:
         parsed = sqlalchemy.engine.make_url(url)
@@ -61,8 +68,8 @@ def make_storage(url: str, heartbeat: bool = True) -> RDBStorage:
     hb: dict[str, Any] = {}
     if heartbeat:
         hb = {
-            "heartbeat_interval": HEARTBEAT_S,
-            "grace_period": GRACE_S,
+            "heartbeat_interval": heartbeat[0],
+            "grace_period": heartbeat[1],
             "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(MAX_RETRY),
         }
     try:
@@ -94,7 +101,7 @@ def open_study(
     seed: int | None = None,
     epochs: int = 10,
     create: bool = True,
-    heartbeat: bool = True,
+    heartbeat: Heartbeat = (HEARTBEAT_S, GRACE_S),
 ) -> optuna.Study:
     """Create or resume (`create=True`), or load an existing study (`create=False`)."""
     storage = make_storage(url, heartbeat=heartbeat)
@@ -145,3 +152,85 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The best complete trial, or None before the first one finishes."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return max(done, key=lambda t: t.value) if done else None
+
+
+# --- one global trial count across workers ----------------------------------------------
+
+SLOT = "slot"  # user attr: the trial holds one of the study's --trials training slots
+
+
+@contextmanager
+def study_lock(url: str, name: str) -> Iterator[None]:
+    """A mutex over one study, shared by every worker of it.
+
+    PostgreSQL: a transaction-scoped advisory lock (any number of machines).
+    SQLite: an flock on a file beside the database (one machine, as SQLite is).
+    """
+    parsed = sqlalchemy.engine.make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
+        with open(f"{parsed.database}.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    elif backend == "postgresql":
+        engine = _lock_engine(url)
+        with engine.begin() as conn:
+            conn.execute(
+                sqlalchemy.text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
+                {"k": f"budget-nas:{name}"},
+            )
+            yield
+    else:
+        yield  # other databases: the cap may overshoot by up to workers - 1
+
+
+_ENGINES: dict[str, sqlalchemy.Engine] = {}
+
+
+def _lock_engine(url: str) -> sqlalchemy.Engine:
+    if url not in _ENGINES:
+        _ENGINES[url] = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    return _ENGINES[url]
+
+
+def slot_holders(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Trials that hold a slot: trained, training, or waiting to be retried."""
+    live = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
+    return [t for t in trials if SLOT in t.user_attrs and t.state in live]
+
+
+def claim_slot(study: optuna.Study, trial: optuna.Trial, cap: int, url: str) -> bool:
+    """Give `trial` one of the `cap` slots, atomically across workers; False if none is left.
+
+    A retried trial (a copy of one whose worker died) keeps the slot it had.
+    """
+    if SLOT in trial.user_attrs:
+        return True
+    with study_lock(url, study.study_name):
+        held = len(slot_holders(study.get_trials(deepcopy=False)))
+        if held >= cap:
+            return False
+        trial.set_user_attr(SLOT, held)
+        return True
+
+
+def wait_for_slot(study: optuna.Study, cap: int, poll_s: float = 2.0) -> bool:
+    """Block until this worker may start a trial (True) or the study is done (False).
+
+    While every slot is held by running trials, a worker waits instead of
+    sampling: if a holder's worker died, its trial turns stale, is failed and
+    retried, and this worker picks the retry up.
+    """
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        if counts(trials)["trained"] >= cap:
+            return False
+        if any(t.state == TrialState.WAITING for t in trials):
+            return True
+        if len(slot_holders(trials)) < cap:
+            return True
+        time.sleep(poll_s)

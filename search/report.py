@@ -1,0 +1,269 @@
+"""python -m search.report: one self-contained HTML file that explains a study.
+
+Optimization history, validation accuracy against parameters with the budget
+line and the Pareto front, the pruning curves, parameter importances, trial
+counts by outcome, the top-10 architectures, and, given a final-training
+result.json, its learning curves and confusion matrix. Plotly's JavaScript is
+inlined once, so the file opens anywhere, offline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import plotly.graph_objects as go
+from optuna.trial import FrozenTrial, TrialState
+
+from search.cli import Parser
+from search.study import StudyError, counts, default_storage, is_rejected, open_study
+
+
+def pareto_front(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The points no other beats on both fewer parameters and higher accuracy."""
+    front, best = [], float("-inf")
+    for params, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((params, acc))
+            best = acc
+    return front
+
+
+def accuracy_vs_params(trials: list[FrozenTrial], budget: int | None) -> go.Figure:
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    fig = go.Figure()
+    fig.add_scatter(
+        x=[t.user_attrs["params"] for t in done],
+        y=[t.value for t in done],
+        mode="markers",
+        name="completed trial",
+        text=[f"trial {t.number}" for t in done],
+        marker={
+            "size": 8,
+            "color": [t.number for t in done],
+            "colorscale": "Viridis",
+            "showscale": True,
+            "colorbar": {"title": "trial"},
+        },
+    )
+    rejected = [t for t in trials if is_rejected(t) and "params" in t.user_attrs]
+    if rejected:
+        fig.add_scatter(
+            x=[t.user_attrs["params"] for t in rejected],
+            y=[0.0] * len(rejected),
+            mode="markers",
+            name="rejected (never built)",
+            marker={"symbol": "x", "color": "crimson", "size": 6},
+        )
+    front = pareto_front([(t.user_attrs["params"], t.value) for t in done])
+    if front:
+        fig.add_scatter(
+            x=[p for p, _ in front],
+            y=[a for _, a in front],
+            mode="lines+markers",
+            line={"shape": "hv", "color": "black"},
+            name="Pareto front",
+        )
+    if budget:
+        fig.add_vline(
+            x=budget,
+            line={"dash": "dash", "color": "crimson"},
+            annotation_text=f"budget {budget:,}",
+        )
+    fig.update_layout(
+        title="Validation accuracy against parameters",
+        xaxis_title="parameters",
+        yaxis_title="validation accuracy",
+        legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0},
+    )
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def state_counts(trials: list[FrozenTrial]) -> go.Figure:
+    c = counts(trials)
+    keys = ["complete", "pruned", "rejected", "failed", "running"]
+    fig = go.Figure(
+        go.Bar(
+            x=keys,
+            y=[c[k] for k in keys],
+            text=[c[k] for k in keys],
+            marker_color=["seagreen", "orange", "crimson", "gray", "steelblue"],
+        )
+    )
+    fig.update_layout(
+        title="Trials by outcome (rejected: over the budget, never built)", yaxis_title="trials"
+    )
+    return fig
+
+
+def top_table(trials: list[FrozenTrial], n: int = 10) -> str:
+    done = sorted(
+        (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=True
+    )[:n]
+    head = (
+        "<tr><th>trial</th><th>val acc</th><th>params</th><th>MACs</th><th>stages "
+        "(blocks x channels, kernel/skip)</th><th>pool</th><th>act</th><th>dropout</th>"
+        "<th>optimizer</th><th>batch</th></tr>"
+    )
+    rows = []
+    for t in done:
+        arch = json.loads(t.user_attrs["arch"])
+        stages = ", ".join(
+            f"{s['blocks']}x{s['channels']} k{s['kernel']}/{s['skip_kernel']}"
+            for s in arch["stages"]
+        )
+        tr = t.user_attrs.get("training", {})
+        cells = [
+            t.number,
+            f"{t.value:.4f}",
+            f"{t.user_attrs['params']:,}",
+            f"{t.user_attrs['macs']:,}",
+            stages,
+            arch["pool"],
+            arch["activation"],
+            arch["dropout"],
+            f"{tr.get('optimizer')} lr {tr.get('lr', 0):.3g}",
+            tr.get("batch_size"),
+        ]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def final_figures(result: dict[str, Any]) -> list[go.Figure]:
+    epochs = result["epochs"]
+    x = [e["epoch"] for e in epochs]
+    curves = go.Figure()
+    curves.add_scatter(x=x, y=[e["train_accuracy"] for e in epochs], name="train accuracy")
+    curves.add_scatter(x=x, y=[e["test_accuracy"] for e in epochs], name="test accuracy")
+    curves.add_scatter(x=x, y=[e["train_loss"] for e in epochs], name="train loss", yaxis="y2")
+    curves.update_layout(
+        title=f"Final training: {100 * result['test_accuracy']:.2f}% test accuracy, "
+        f"{result['params']:,} params, {result['seconds']:.0f} s on {result['device']}",
+        xaxis_title="epoch",
+        yaxis={"title": "accuracy"},
+        yaxis2={"title": "loss", "overlaying": "y", "side": "right"},
+    )
+    classes = result.get("classes") or [str(i) for i in range(len(result["confusion_matrix"]))]
+    cm = go.Figure(
+        go.Heatmap(
+            z=result["confusion_matrix"],
+            x=classes,
+            y=classes,
+            colorscale="Blues",
+            texttemplate="%{z}",
+        )
+    )
+    cm.update_layout(
+        title="Confusion matrix (test split)",
+        xaxis_title="predicted",
+        yaxis_title="true",
+        yaxis={"autorange": "reversed"},
+    )
+    return [curves, cm]
+
+
+def optuna_figures(study: optuna.Study) -> list[go.Figure]:
+    """Optuna's own plots; the ones a small study cannot draw yet are left out."""
+    vis = optuna.visualization
+    figs = [vis.plot_optimization_history(study), vis.plot_intermediate_values(study)]
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(done) >= 2:
+        # Fails when, e.g., every completed trial has the same parameters.
+        with contextlib.suppress(ValueError, RuntimeError):
+            figs.append(vis.plot_param_importances(study))
+    figs[1].update_layout(
+        title="Intermediate values (validation accuracy per epoch; pruned trials stop early)"
+    )
+    return figs
+
+
+def build_report(study: optuna.Study, result: dict[str, Any] | None = None) -> str:
+    trials = study.get_trials(deepcopy=False)
+    attrs = study.user_attrs
+    c = counts(trials)
+    figs = optuna_figures(study)
+    figs.insert(1, accuracy_vs_params(trials, attrs.get("budget")))
+    figs.append(state_counts(trials))
+    if result is not None:
+        figs.extend(final_figures(result))
+    parts = [
+        f.to_html(
+            full_html=False,
+            include_plotlyjs="inline" if i == 0 else False,
+            default_width="100%",
+            default_height="480px",
+        )
+        for i, f in enumerate(figs)
+    ]
+    meta = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {html.escape(str(v))}"
+                     for k, v in attrs.items() if k != "command")
+    best = max(
+        (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, default=None
+    )
+    best_line = (
+        f"best: trial {best.number}, validation accuracy {best.value:.4f}, "
+        f"{best.user_attrs['params']:,} params"
+        if best
+        else "no completed trial yet"
+    )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>budget-nas: {html.escape(study.study_name)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}
+table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:4px 8px}}
+th{{background:#f3f3f3}}</style></head><body>
+<h1>budget-nas study {html.escape(study.study_name)}</h1>
+<p>{meta}</p>
+<p>{c["trained"]} trained ({c["complete"]} complete, {c["pruned"]} pruned), {c["rejected"]}
+rejected by the limits (never built), {c["failed"]} failed. {best_line}.</p>
+<p><code>{html.escape(attrs.get("command", ""))}</code></p>
+{"".join(f'<div class="plot">{p}</div>' for p in parts[: -2 if result else None])}
+<h2>Top architectures</h2>{top_table(trials)}
+{"".join(f'<div class="plot">{p}</div>' for p in (parts[-2:] if result else []))}
+</body></html>
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = Parser(prog="python -m search.report", description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--storage",
+        default=os.environ.get("NAS_STORAGE"),
+        help="SQLAlchemy URL (default $NAS_STORAGE, else sqlite:///studies/NAME.db)",
+    )
+    ap.add_argument("--study-name", required=True)
+    ap.add_argument("--result", help="a result.json of python -m search.train to include")
+    ap.add_argument("-o", "--output", help="HTML file (default studies/NAME/report.html)")
+    args = ap.parse_args(argv)
+    # Importance estimates warn on small studies; the report shows them as they are.
+    warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
+    storage = args.storage or default_storage(args.study_name)
+    try:
+        if storage.startswith("sqlite:///") and not Path(storage[10:]).exists():
+            raise StudyError(f"no study database at {storage[10:]}; pass --storage")
+        study = open_study(storage, args.study_name, create=False, heartbeat=None)
+        result = json.loads(Path(args.result).read_text()) if args.result else None
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"error: cannot read --result {args.result}: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.output or f"studies/{args.study_name}/report.html")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text(build_report(study, result))
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
