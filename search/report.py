@@ -203,8 +203,11 @@ def build_report(study: optuna.Study, result: dict[str, Any] | None = None) -> s
         )
         for i, f in enumerate(figs)
     ]
-    meta = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {html.escape(str(v))}"
-                     for k, v in attrs.items() if k != "command")
+    meta = ", ".join(
+        f"{k} {v:,}" if isinstance(v, int) else f"{k} {html.escape(str(v))}"
+        for k, v in attrs.items()
+        if k != "command"
+    )
     best = max(
         (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, default=None
     )

@@ -7,6 +7,7 @@ marking the running trial, writes best.json and says how to go on.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import shlex
@@ -47,6 +48,15 @@ from search.train import OutOfMemory, TrainConfig, resolve_device, train
 # trial takes seconds on two cores. Printed at start.
 QUICK = {"train_images": 4000, "val_images": 1000, "epochs": 3, "max_macs": 40_000_000}
 MAX_CONSECUTIVE_REJECTIONS = 500
+
+
+class QuietStudyFull(logging.Filter):
+    """Optuna logs a caught exception with its traceback; for StudyFull (a worker
+    that lost the race for the last slot) that is noise, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "StudyFull" not in message and "failed with value None" not in message
 
 
 class UsageError(Exception):
@@ -518,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for handler in logging.getLogger("optuna").handlers:  # filters on handlers see child loggers
+        handler.addFilter(QuietStudyFull())
     try:
         s = setup(args, argv)
     except (UsageError, DataError, StudyError, ValueError) as e:

@@ -251,4 +251,4 @@ def test_two_workers_share_one_sqlite_study(study_name, tmp_path) -> None:
     assert p.returncode == 0, err + out
     assert_whole(load(url, study_name), 20)
     logs = "".join(f.read_text() for f in (tmp_path / "studies" / study_name).glob("worker-*"))
-    assert "locked" not in logs and "Traceback" not in logs
+    assert "database is locked" not in logs and "Traceback" not in logs
