@@ -74,7 +74,7 @@ def make_storage(url: str, heartbeat: Heartbeat = (HEARTBEAT_S, GRACE_S)) -> RDB
         }
     try:
         return RDBStorage(url, engine_kwargs=engine_kwargs, **hb)
-    except (sqlalchemy.exc.SQLAlchemyError, ModuleNotFoundError, OSError) as e:
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as e:
         reason = str(e).splitlines()[0]
         if url in reason:
             reason = reason.replace(url, safe_url(url))

@@ -179,6 +179,9 @@ def test_export_cli_by_trial_number(in_tmp, capsys) -> None:
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["--budget", "1k"], "nothing in the search space fits"),
         (["--storage", "notaurl"], "not a database URL"),
+        (["--storage", "postgresql+psycopg://nobody:pw@127.0.0.1:1/x"], "Connection refused"),
+        (["--storage", "postgres://x:pw@127.0.0.1/db"], "cannot open storage postgres://x:***@"),
+        (["--storage", "mysql://u@127.0.0.1:1/x"], "Failed to import DB access module"),
     ],
 )
 def test_bad_input_is_a_one_line_error(in_tmp, capsys, flags, message) -> None:
@@ -187,6 +190,7 @@ def test_bad_input_is_a_one_line_error(in_tmp, capsys, flags, message) -> None:
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+    assert ":pw@" not in err
 
 
 def test_budget_parsing() -> None:
