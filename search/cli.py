@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
+from pathlib import Path
 from typing import NoReturn
 
 import optuna
@@ -19,6 +21,26 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_study_args(ap: argparse.ArgumentParser) -> None:
+    """--storage and --study-name, as every CLI that reads an existing study takes them."""
+    ap.add_argument(
+        "--storage",
+        default=os.environ.get("NAS_STORAGE"),
+        help="SQLAlchemy URL (default $NAS_STORAGE, else sqlite:///studies/NAME.db)",
+    )
+    ap.add_argument("--study-name", required=True)
+
+
+def load_existing(args: argparse.Namespace) -> optuna.Study:
+    """The study named on the command line; StudyError if it is not there."""
+    from search.study import StudyError, default_storage, open_study
+
+    storage = args.storage or default_storage(args.study_name)
+    if storage.startswith("sqlite:///") and not Path(storage[10:]).exists():
+        raise StudyError(f"no study database at {storage[10:]}; pass --storage")
+    return open_study(storage, args.study_name, create=False, heartbeat=None)
 
 
 def fail(message: str, code: int = 2) -> int:

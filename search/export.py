@@ -8,7 +8,6 @@ and `python -m search.train` both read it directly.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,10 +16,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.cli import Parser
+from search.cli import Parser, add_study_args, load_existing
 from search.env import versions
 from search.objective import trial_arch
-from search.study import StudyError, best_trial, default_storage, open_study
+from search.study import StudyError, best_trial
 
 EXPORT_FORMAT = "budget-nas-export/1"
 
@@ -83,20 +82,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = Parser(prog="python -m search.export", description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--storage",
-        default=os.environ.get("NAS_STORAGE"),
-        help="SQLAlchemy URL (default $NAS_STORAGE, else sqlite:///studies/NAME.db)",
-    )
-    ap.add_argument("--study-name", required=True)
+    add_study_args(ap)
     ap.add_argument("--trial", type=int, help="trial number (default: the best)")
     ap.add_argument("-o", "--output", help="file to write (default: print to stdout)")
     args = ap.parse_args(argv)
-    storage = args.storage or default_storage(args.study_name)
     try:
-        if storage.startswith("sqlite:///") and not Path(storage[10:]).exists():
-            raise StudyError(f"no study database at {storage[10:]}; pass --storage")
-        study = open_study(storage, args.study_name, create=False, heartbeat=None)
+        study = load_existing(args)
         data = export_trial(study, select_trial(study, args.trial))
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)

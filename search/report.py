@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import html
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -22,8 +21,8 @@ import optuna
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
-from search.cli import Parser
-from search.study import StudyError, counts, default_storage, is_rejected, open_study
+from search.cli import Parser, add_study_args, load_existing
+from search.study import StudyError, counts, is_rejected
 
 
 def pareto_front(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -236,22 +235,14 @@ rejected by the limits (never built), {c["failed"]} failed. {best_line}.</p>
 
 def main(argv: list[str] | None = None) -> int:
     ap = Parser(prog="python -m search.report", description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--storage",
-        default=os.environ.get("NAS_STORAGE"),
-        help="SQLAlchemy URL (default $NAS_STORAGE, else sqlite:///studies/NAME.db)",
-    )
-    ap.add_argument("--study-name", required=True)
+    add_study_args(ap)
     ap.add_argument("--result", help="a result.json of python -m search.train to include")
     ap.add_argument("-o", "--output", help="HTML file (default studies/NAME/report.html)")
     args = ap.parse_args(argv)
     # Importance estimates warn on small studies; the report shows them as they are.
     warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
-    storage = args.storage or default_storage(args.study_name)
     try:
-        if storage.startswith("sqlite:///") and not Path(storage[10:]).exists():
-            raise StudyError(f"no study database at {storage[10:]}; pass --storage")
-        study = open_study(storage, args.study_name, create=False, heartbeat=None)
+        study = load_existing(args)
         result = json.loads(Path(args.result).read_text()) if args.result else None
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,7 +19,7 @@ import pytest
 
 from search import report, run
 
-from conftest import ROOT
+from conftest import FAST_SEARCH, ROOT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -57,19 +57,7 @@ def small_study(tmp_path_factory):
         assert (
             run.main(
                 [
-                    "--dataset",
-                    "synthetic",
-                    "--epochs",
-                    "2",
-                    "--train-images",
-                    "512",
-                    "--val-images",
-                    "256",
-                    "--max-macs",
-                    "60M",
-                    "--device",
-                    "cpu",
-                    "--no-progress",
+                    *FAST_SEARCH,
                     "--trials",
                     "8",
                     "--study-name",

@@ -16,23 +16,9 @@ from search.data import synthetic
 from search.objective import Limits, Objective, search_split
 from search.study import counts, open_study
 
-FAST = [
-    "--dataset",
-    "synthetic",
-    "--epochs",
-    "2",
-    "--train-images",
-    "512",
-    "--val-images",
-    "256",
-    "--max-macs",
-    "60M",
-    "--device",
-    "cpu",
-    "--no-progress",
-    "--seed",
-    "1",
-]
+from conftest import FAST_SEARCH
+
+FAST = FAST_SEARCH
 
 
 @pytest.fixture
