@@ -18,8 +18,10 @@ random search's mean final best.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import optuna
 
@@ -62,13 +64,54 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
     return next((t for t, acc in curve if acc >= target), None)
 
 
+def summarize(curves: dict[str, list[list[tuple[float, float]]]]) -> tuple[dict, float]:
+    """Final bests, and when each run first reached random search's final best:
+    the mean over seeds, and the same seed's."""
+    finals = {m: [c[-1][1] if c else 0.0 for c in cs] for m, cs in curves.items()}
+    target = statistics.mean(finals["random"])
+    summary = {}
+    for method, cs in curves.items():
+        times = [time_to(c, target) for c in cs]
+        same_seed = [time_to(c, finals["random"][i]) for i, c in enumerate(cs)]
+        reached = [t for t in times if t is not None]
+        summary[method] = {
+            "final_best": finals[method],
+            "mean_final_best": statistics.mean(finals[method]),
+            "seconds_to_random_mean_final": times,
+            "median_seconds_to_random_mean_final": statistics.median(reached) if reached else None,
+            "runs_reaching_it": len(reached),
+            "seconds_to_same_seed_random_final": same_seed,
+        }
+        med = summary[method]["median_seconds_to_random_mean_final"]
+        print(
+            f"{method:10s} final best {', '.join(f'{f:.4f}' for f in finals[method])} "
+            f"(mean {summary[method]['mean_final_best']:.4f}); reached random's mean final "
+            f"best {target:.4f} in {len(reached)}/{len(cs)} runs"
+            + (f", median {med:.0f}s" if med is not None else "")
+            + "; same seed's random final best at "
+            + ", ".join("never" if t is None else f"{t:.0f}s" for t in same_seed)
+        )
+    return summary, target
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=300, help="wall clock per run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument(
+        "--summarize",
+        metavar="RESULT_JSON",
+        help="print the summary of a stored result again (and update it)",
+    )
     args = ap.parse_args()
+    if args.summarize:
+        path = Path(args.summarize)
+        record = json.loads(path.read_text())
+        record["summary"], _ = summarize(record["curves"])
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        return
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     device = resolve_device(args.device)
     ds = load_dataset("fashion-mnist", args.data_dir)
@@ -78,25 +121,7 @@ def main() -> None:
     for seed in args.seeds:
         for method in curves:
             curves[method].append(run_one(method, seed, args.seconds, data, device))
-    finals = {m: [c[-1][1] if c else 0.0 for c in cs] for m, cs in curves.items()}
-    target = statistics.mean(finals["random"])
-    summary = {}
-    for method, cs in curves.items():
-        times = [time_to(c, target) for c in cs]
-        reached = [t for t in times if t is not None]
-        summary[method] = {
-            "final_best": finals[method],
-            "mean_final_best": statistics.mean(finals[method]),
-            "seconds_to_random_mean_final": times,
-            "median_seconds_to_random_mean_final": statistics.median(reached) if reached else None,
-            "runs_reaching_it": len(reached),
-        }
-        med = summary[method]["median_seconds_to_random_mean_final"]
-        print(
-            f"{method:10s} mean final best {summary[method]['mean_final_best']:.4f}; reached "
-            f"random's mean final best {target:.4f} in {len(reached)}/{len(cs)} runs"
-            + (f", median {med:.0f}s" if med is not None else "")
-        )
+    summary, target = summarize(curves)
     path = save(
         "search_efficiency",
         {
