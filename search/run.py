@@ -362,10 +362,13 @@ def summary(study: optuna.Study, top: int = 5) -> str:
         key=lambda t: t.value,
         reverse=True,
     )[:top]
-    c = counts(study.get_trials(deepcopy=False))
+    trials = study.get_trials(deepcopy=False)
+    c = counts(trials)
+    over_budget = sum(1 for t in trials if "params " in t.user_attrs.get("rejected", ""))
     lines = [
         f"trials: {c['trained']} trained ({c['complete']} complete, {c['pruned']} pruned), "
-        f"{c['rejected']} rejected by the limits (never built), {c['failed']} failed"
+        f"{c['rejected']} rejected before any weight existed ({over_budget} over the parameter "
+        f"budget, {c['rejected'] - over_budget} only over --max-macs), {c['failed']} failed"
     ]
     if done:
         lines.append(
@@ -426,9 +429,15 @@ def announce(args: argparse.Namespace, s: Setup) -> None:
         )
     if s.objective.device.type == "cpu" and not args.quick:
         est = estimate_cpu_trial(d, args.epochs)
+        cost = f"{est / 60:.0f} min" if est >= 90 else f"{est:.0f} s"
+        total = (
+            f"{args.trials * est / 3600:.1f} h"
+            if args.trials * est >= 5400
+            else f"{args.trials * est / 60:.0f} min"
+        )
         print(
-            f"warning: no GPU; a mid-sized trial will take roughly {est / 60:.0f} min on this "
-            "CPU. Add --quick for a CPU demo profile.",
+            f"warning: no GPU; a mid-sized trial will take roughly {cost} on this CPU "
+            f"({args.trials} trials: about {total}). Add --quick for a CPU demo profile.",
             flush=True,
         )
 
