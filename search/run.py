@@ -446,8 +446,8 @@ def optimize(args: argparse.Namespace, s: Setup) -> tuple[bool, bool]:
     """Run trials until the study's count is reached: (interrupted, gave up)."""
     progress = Progress(args.trials, enabled=not args.no_progress)
     after = AfterTrial(progress, args.trials)
-    progress.show(s.study)
     try:
+        progress.show(s.study)
         if wait_for_slot(s.study, args.trials):
             s.study.optimize(
                 s.objective,
@@ -541,13 +541,17 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(QuietStudyFull())
     try:
         s = setup(args, argv)
+        if not args.worker:
+            announce(args, s)
     except (UsageError, DataError, StudyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before any trial started", file=sys.stderr)
+        return 130
     if args.worker:
         interrupted, gave_up = optimize(args, s)
         return 130 if interrupted else 1 if gave_up else 0
-    announce(args, s)
     if args.create_only:
         print(f"study {args.study_name!r} is ready; start workers with the same --study-name")
         return 0
@@ -556,7 +560,14 @@ def main(argv: list[str] | None = None) -> int:
         interrupted, gave_up = supervise(args, argv, s), False
     else:
         interrupted, gave_up = optimize(args, s)
-    return finish(args, s, time.perf_counter() - start, interrupted, gave_up)
+    try:
+        return finish(args, s, time.perf_counter() - start, interrupted, gave_up)
+    except KeyboardInterrupt:
+        print(
+            "interrupted again while writing the summary; run the same command to finish",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def finish(

@@ -217,9 +217,12 @@ def test_sigint_marks_the_trial_writes_best_and_resumes(
         c = counts(trials)
         if c["complete"] >= 1 and c["running"] == 1:
             break
+    else:
+        run.kill()
+        pytest.fail(f"no trial was running after 120 s: {run.communicate()}")
     run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=60)
-    assert run.returncode == 130, err
+    assert run.returncode == 130, f"stdout:\n{out}\nstderr:\n{err}"
     assert "to resume: python -m search.run" in out
     trials = load(url, study_name)
     assert counts(trials)["running"] == 0
