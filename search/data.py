@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +49,19 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @cached_property
+    def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std of the training images, computed once."""
+        return channel_stats(self.train_x)
+
     @property
     def mean(self) -> tuple[float, ...]:
         """Per-channel mean of the training images on the [0, 1] scale."""
-        return channel_stats(self.train_x)[0]
+        return self.stats[0]
 
     @property
     def std(self) -> tuple[float, ...]:
-        return channel_stats(self.train_x)[1]
+        return self.stats[1]
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -97,6 +97,7 @@ class TrainResult:
     total_seconds: float = 0.0  # with evaluation and setup
     images_per_s: float = 0.0  # training images per second of training steps
     device: str = "cpu"
+    val_pred: torch.Tensor | None = None  # predictions of the last validation pass
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -155,7 +156,7 @@ class Normalize:
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalize, batch_size: int = 1024
 ) -> tuple[float, float, torch.Tensor]:
-    """(mean loss, accuracy, predictions) over a uint8 split already on the device."""
+    """(mean loss, accuracy, predictions on the device) over a uint8 split on the device."""
     was_training = model.training
     model.eval()
     device = x.device
@@ -169,7 +170,7 @@ def evaluate(
     model.train(was_training)
     pred = torch.cat(preds)
     acc = (pred == y).float().mean().item()
-    return loss_sum.item() / len(y), acc, pred.cpu()
+    return loss_sum.item() / len(y), acc, pred
 
 
 def train(
@@ -262,7 +263,7 @@ def _train(spec, cfg, train_x, train_y, val_x, val_y, mean, std, device, on_epoc
         result.train_seconds += seconds
         val_loss = val_acc = None
         if val_x is not None:
-            val_loss, val_acc, _ = evaluate(model, val_x, val_y, norm)
+            val_loss, val_acc, result.val_pred = evaluate(model, val_x, val_y, norm)
         stats = EpochStats(
             epoch, train_loss, correct.item() / seen, val_loss, val_acc, lr, seconds, seen / seconds
         )
@@ -294,6 +295,7 @@ def final_training(
 
     The test split is evaluated after every epoch for the learning curves;
     nothing is selected on it, so the final number stays an honest estimate.
+    The last epoch's evaluation is the reported one.
     """
     from models import count_macs, count_params
     from search.env import device_name, versions
@@ -312,9 +314,7 @@ def final_training(
         device=device,
         on_epoch=on_epoch,
     )
-    norm = Normalize(mean, std, device, torch.channels_last)
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    test_loss, test_acc, pred = evaluate(res.model, test_x, test_y, norm)
+    last = res.history[-1]
     result = {
         "architecture": spec.to_dict(),
         "params": count_params(spec),
@@ -325,8 +325,8 @@ def final_training(
         "test_images": len(data.test_x),
         "training": cfg.to_dict(),
         "seed": cfg.seed,
-        "test_accuracy": test_acc,
-        "test_loss": test_loss,
+        "test_accuracy": last.val_acc,
+        "test_loss": last.val_loss,
         "epochs": [
             {
                 "epoch": s.epoch,
@@ -340,7 +340,7 @@ def final_training(
             }
             for s in res.history
         ],
-        "confusion_matrix": confusion_matrix(data.test_y, pred, data.num_classes),
+        "confusion_matrix": confusion_matrix(data.test_y, res.val_pred, data.num_classes),
         "seconds": res.total_seconds,
         "train_seconds": res.train_seconds,
         "images_per_s": res.images_per_s,
