@@ -22,7 +22,14 @@ from models import ArchSpec, count_macs, count_params
 from search import space
 from search.data import Dataset, channel_stats, stratified_split, subset
 from search.env import device_name
-from search.train import EpochStats, OutOfMemory, TrainConfig, TrainingDiverged, train
+from search.train import (
+    EpochStats,
+    OutOfMemory,
+    TrainConfig,
+    TrainingDiverged,
+    TrainResult,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,28 @@ def search_split(
     x, y = ds.train_x[keep], ds.train_y[keep]
     mean, std = channel_stats(x)
     return SearchData(ds.name, x, y, ds.train_x[val], ds.train_y[val], mean, std, ds.num_classes)
+
+
+def fit(
+    spec: ArchSpec,
+    cfg: TrainConfig,
+    data: SearchData,
+    device: torch.device,
+    on_epoch: Callable[[EpochStats, torch.nn.Module], None] | None = None,
+) -> TrainResult:
+    """Train on the search's training split, validating on its validation split."""
+    return train(
+        spec,
+        cfg,
+        data.train_x,
+        data.train_y,
+        data.val_x,
+        data.val_y,
+        mean=data.mean,
+        std=data.std,
+        device=device,
+        on_epoch=on_epoch,
+    )
 
 
 @dataclass(frozen=True)
@@ -151,20 +180,8 @@ class Objective:
                 trial.set_user_attr("val_curve", curve)
                 raise optuna.TrialPruned(why)
 
-        d = self.data
         try:
-            result = train(
-                spec,
-                cfg,
-                d.train_x,
-                d.train_y,
-                d.val_x,
-                d.val_y,
-                mean=d.mean,
-                std=d.std,
-                device=self.device,
-                on_epoch=report,
-            )
+            result = fit(spec, cfg, self.data, self.device, on_epoch=report)
         except TrainingDiverged as e:
             trial.set_user_attr("pruned", f"diverged: {e}")
             raise optuna.TrialPruned(f"diverged: {e}") from None
@@ -204,15 +221,4 @@ def trial_arch(trial: optuna.trial.FrozenTrial) -> ArchSpec:
 def replay(trial: optuna.trial.FrozenTrial, data: SearchData, device: torch.device) -> float:
     """Train a recorded trial again from its architecture, settings and seed."""
     cfg = TrainConfig.from_dict(trial.user_attrs["training"])
-    result = train(
-        trial_arch(trial),
-        cfg,
-        data.train_x,
-        data.train_y,
-        data.val_x,
-        data.val_y,
-        mean=data.mean,
-        std=data.std,
-        device=device,
-    )
-    return result.history[-1].val_acc
+    return fit(trial_arch(trial), cfg, data, device).history[-1].val_acc

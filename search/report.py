@@ -22,7 +22,7 @@ import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
 from search.cli import Parser, add_study_args, load_existing
-from search.study import StudyError, counts, is_rejected
+from search.study import StudyError, counts, is_rejected, ranked
 
 
 def pareto_front(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -104,9 +104,7 @@ def state_counts(trials: list[FrozenTrial]) -> go.Figure:
 
 
 def top_table(trials: list[FrozenTrial], n: int = 10) -> str:
-    done = sorted(
-        (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=True
-    )[:n]
+    done = ranked(trials)[:n]
     head = (
         "<tr><th>trial</th><th>val acc</th><th>params</th><th>MACs</th><th>stages "
         "(blocks x channels, kernel/skip)</th><th>pool</th><th>act</th><th>dropout</th>"
@@ -207,9 +205,7 @@ def build_report(study: optuna.Study, result: dict[str, Any] | None = None) -> s
         for k, v in attrs.items()
         if k != "command"
     )
-    best = max(
-        (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, default=None
-    )
+    best = next(iter(ranked(trials)), None)
     best_line = (
         f"best: trial {best.number}, validation accuracy {best.value:.4f}, "
         f"{best.user_attrs['params']:,} params"

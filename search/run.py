@@ -39,6 +39,7 @@ from search.study import (
     default_storage,
     is_rejected,
     open_study,
+    ranked,
     safe_url,
     wait_for_slot,
 )
@@ -324,8 +325,9 @@ class Progress:
         )
 
     def show(self, study: optuna.Study) -> dict[str, int]:
-        c = counts(study.get_trials(deepcopy=False))
-        best = best_trial(study)
+        trials = study.get_trials(deepcopy=False)
+        c = counts(trials)
+        best = next(iter(ranked(trials)), None)
         self.bar.n = min(c["trained"], self.target)
         self.bar.set_postfix_str(
             f"complete {c['complete']} pruned {c['pruned']} rejected {c['rejected']} "
@@ -357,12 +359,8 @@ class AfterTrial:
 
 
 def summary(study: optuna.Study, top: int = 5) -> str:
-    done = sorted(
-        study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
-        key=lambda t: t.value,
-        reverse=True,
-    )[:top]
     trials = study.get_trials(deepcopy=False)
+    done = ranked(trials)[:top]
     c = counts(trials)
     over_budget = sum(1 for t in trials if "params " in t.user_attrs.get("rejected", ""))
     lines = [

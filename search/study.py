@@ -148,10 +148,16 @@ def counts(trials: list[FrozenTrial]) -> dict[str, int]:
     return c
 
 
+def ranked(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Completed trials, best validation accuracy first."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    return sorted(done, key=lambda t: t.value, reverse=True)
+
+
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The best complete trial, or None before the first one finishes."""
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return max(done, key=lambda t: t.value) if done else None
+    best = ranked(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return best[0] if best else None
 
 
 # --- one global trial count across workers ----------------------------------------------
