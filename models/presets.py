@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from models.spec import ArchSpec, StageSpec, downsample
+from models.spec import ArchSpec, StageSpec, last_side
 
 
 def _resnet(
@@ -47,9 +47,7 @@ def preset(
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     base = PRESETS[name]
-    side = input_size
-    for _ in base.stages[1:]:
-        side = downsample(side)
+    side = last_side(input_size, len(base.stages))
     return replace(
         base,
         in_channels=in_channels,

@@ -38,6 +38,21 @@ def downsample(side: int) -> int:
     return (side - 1) // 2 + 1
 
 
+def last_side(size: int, stages: int) -> int:
+    """Side of the last stage's map: every stage after the first downsamples."""
+    for _ in range(stages - 1):
+        size = downsample(size)
+    return size
+
+
+def max_stages(size: int) -> int:
+    """As many stages as the input allows: each downsample needs a map of 2px or more."""
+    n = 1
+    while n < MAX_STAGES and last_side(size, n) >= 2:
+        n += 1
+    return n
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """`blocks` BasicBlocks of width `channels`; `kernel` is F_i, `skip_kernel` K_i."""
@@ -112,18 +127,17 @@ class ArchSpec:
         _odd(self.stem_kernel, "stem.kernel")
         if not 1 <= len(self.stages) <= MAX_STAGES:
             raise ValueError(f"stages must hold 1 to {MAX_STAGES} stages, got {len(self.stages)}")
-        sizes, side = [], self.input_size
+        limit, sizes, side = max_stages(self.input_size), [], self.input_size
         for i, stage in enumerate(self.stages):
             if not isinstance(stage, StageSpec):
                 raise ValueError(f"stages[{i}] must be a StageSpec, got {type(stage).__name__}")
             stage.validate(f"stages[{i}]")
-            if i > 0:
-                if side < 2:
-                    raise ValueError(
-                        f"stages[{i}]: the {self.input_size}px input is already 1px wide "
-                        f"here, so it allows at most {i} stages"
-                    )
-                side = downsample(side)
+            if i >= limit:
+                raise ValueError(
+                    f"stages[{i}]: the {self.input_size}px input is already 1px wide "
+                    f"here, so it allows at most {i} stages"
+                )
+            side = downsample(side) if i > 0 else side
             sizes.append(side)
         object.__setattr__(self, "_sizes", tuple(sizes))
         object.__setattr__(self, "_plan", _make_plan(self))

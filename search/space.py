@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 
-from models.spec import MAX_STAGES, ArchSpec, StageSpec, downsample
+from models.spec import ArchSpec, StageSpec, last_side, max_stages
 from search.train import TrainConfig
 
 # Bump when a distribution changes: resuming a study made with another space
@@ -31,14 +31,6 @@ BATCH_SIZES = (128, 256, 512)
 CUTOUTS = (0, 8, 12)
 LR = {"sgd": (0.01, 0.4), "adamw": (3e-4, 5e-3)}
 WEIGHT_DECAY = {"sgd": (1e-5, 2e-3), "adamw": (1e-3, 0.2)}
-
-
-def max_stages(size: int) -> int:
-    """As many stages as the input allows, at most MAX_STAGES (see ArchSpec)."""
-    n, side = 1, size
-    while n < MAX_STAGES and side >= 2:
-        side, n = downsample(side), n + 1
-    return n
 
 
 def stage_widths(width: int, growth: float, n: int) -> list[int]:
@@ -59,9 +51,7 @@ def suggest_arch(trial: optuna.Trial, in_channels: int, size: int, num_classes: 
         )
         for i, c in enumerate(stage_widths(width, growth, n))
     )
-    side = size
-    for _ in range(n - 1):
-        side = downsample(side)
+    side = last_side(size, n)
     pool_div = trial.suggest_categorical("pool_div", POOL_DIVS)
     return ArchSpec(
         stages=stages,
@@ -136,7 +126,7 @@ def preset_params(spec: ArchSpec, training: TrainConfig | None = None) -> dict[s
             f"kernel_{i}": x.kernel,
             f"skip_kernel_{i}": x.skip_kernel,
         }
-    t = training or TrainConfig(label_smoothing=0.1)
+    t = training or TrainConfig()
     params |= {
         "optimizer": t.optimizer,
         "batch_size": t.batch_size,
