@@ -25,7 +25,7 @@ import search.cli  # noqa: F401  (silences Optuna's experimental-feature warning
 from benchmarks.machine import save
 from search.data import synthetic
 from search.objective import Limits, Objective, search_split
-from search.study import claim_slot, counts, make_storage, open_study
+from search.study import claim_slot, counts, make_pruner, make_sampler, make_storage
 
 
 class StorageTimer:
@@ -56,9 +56,12 @@ def measure(url: str, trials: int) -> dict[str, float]:
     name = f"bench-{uuid.uuid4().hex[:8]}"
     storage = make_storage(url)
     timer = StorageTimer(storage)
-    study = open_study(url, name, seed=0, epochs=2)
-    study = optuna.load_study(
-        study_name=name, storage=storage, sampler=study.sampler, pruner=study.pruner
+    study = optuna.create_study(
+        storage=storage,
+        study_name=name,
+        direction="maximize",
+        sampler=make_sampler(0),
+        pruner=make_pruner(2),
     )
     data = search_split(synthetic(n_train=1024, n_test=64), 0, 512, 256)
     objective = Objective(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import NoReturn
 
 import optuna
+
+from search.study import StudyError, default_storage, open_study
 
 # Heartbeat, group and the retry callback are marked experimental in Optuna;
 # they are deliberate choices here, so the warnings are noise for a user.
@@ -35,14 +36,15 @@ def add_study_args(ap: argparse.ArgumentParser) -> None:
 
 def load_existing(args: argparse.Namespace) -> optuna.Study:
     """The study named on the command line; StudyError if it is not there."""
-    from search.study import StudyError, default_storage, open_study
-
     storage = args.storage or default_storage(args.study_name)
     if storage.startswith("sqlite:///") and not Path(storage[10:]).exists():
         raise StudyError(f"no study database at {storage[10:]}; pass --storage")
     return open_study(storage, args.study_name, create=False, heartbeat=None)
 
 
-def fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
+def write_atomic(path: Path, text: str) -> None:
+    """Write then rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    tmp.replace(path)

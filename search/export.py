@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.cli import Parser, add_study_args, load_existing
+from search.cli import Parser, add_study_args, load_existing, write_atomic
 from search.env import versions
 from search.objective import trial_arch
 from search.study import StudyError, best_trial
@@ -73,11 +73,7 @@ def select_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write then rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import optuna
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
-from search.cli import Parser, add_study_args, load_existing
+from search.cli import Parser, add_study_args, load_existing, write_atomic
 from search.study import StudyError, counts, is_rejected, ranked
 
 
@@ -247,10 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read --result {args.result}: {e}", file=sys.stderr)
         return 2
     out = Path(args.output or f"studies/{args.study_name}/report.html")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(build_report(study, result))
-    tmp.replace(out)
+    write_atomic(out, build_report(study, result))
     print(f"wrote {out}")
     return 0
 

@@ -465,13 +465,13 @@ def _resolve(args) -> tuple[ArchSpec | str, TrainConfig, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
     import sys
     from pathlib import Path
 
     from models import count_params
     from models.presets import preset
     from search.data import DataError, load_dataset
+    from search.export import write_json
 
     args = _parse_args(argv)
     try:
@@ -519,9 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     save_checkpoint(out / "model.pt", model, spec, result)
     result["checkpoint"] = str(out / "model.pt")
-    tmp = out / "result.json.partial"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out / "result.json")
+    write_json(out / "result.json", result)
     print(
         f"test accuracy {100 * result['test_accuracy']:.2f}% in {result['seconds']:.0f}s "
         f"({result['images_per_s']:,.0f} img/s on {result['device']})"
