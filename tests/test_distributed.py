@@ -65,9 +65,8 @@ def pg_url():
 def study_name(request):
     name = f"test-{request.node.name[:30]}-{uuid.uuid4().hex[:8]}"
     yield name
-    for url in (PG_URL,):
-        with contextlib.suppress(Exception):
-            optuna.delete_study(study_name=name, storage=url)
+    with contextlib.suppress(Exception):
+        optuna.delete_study(study_name=name, storage=PG_URL)
 
 
 def search(*args: str, cwd, **kw) -> subprocess.Popen:
@@ -81,6 +80,29 @@ def search(*args: str, cwd, **kw) -> subprocess.Popen:
         text=True,
         **kw,
     )
+
+
+def run_workers(workers: int, trials: int, url: str, name: str, cwd) -> tuple[str, str]:
+    """`search.run --workers N` to the end; its stdout and stderr."""
+    p = search(
+        *TINY,
+        "--workers",
+        str(workers),
+        "--trials",
+        str(trials),
+        "--storage",
+        url,
+        "--study-name",
+        name,
+        cwd=cwd,
+    )
+    out, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err + out
+    return out, err
+
+
+def worker_logs(cwd, name: str) -> str:
+    return "".join(f.read_text() for f in (cwd / "studies" / name).glob("worker-*"))
 
 
 def load(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -105,20 +127,7 @@ def test_four_workers_reach_exactly_the_global_count(pg_url, study_name, tmp_pat
         .set(password=secret)
         .render_as_string(hide_password=False)
     )
-    p = search(
-        *TINY,
-        "--workers",
-        "4",
-        "--trials",
-        "200",
-        "--storage",
-        url,
-        "--study-name",
-        study_name,
-        cwd=tmp_path,
-    )
-    out, err = p.communicate(timeout=900)
-    assert p.returncode == 0, err + out
+    out, err = run_workers(4, 200, url, study_name, tmp_path)
     study = optuna.load_study(study_name=study_name, storage=pg_url)
     trials = study.get_trials(deepcopy=False)
     assert_whole(trials, 200)
@@ -129,8 +138,7 @@ def test_four_workers_reach_exactly_the_global_count(pg_url, study_name, tmp_pat
     ]
     assert sorted(t.user_attrs[SLOT] for t in trained) == list(range(200))
     assert len({t.user_attrs["worker"] for t in trained}) == 4
-    logs = "".join(f.read_text() for f in (tmp_path / "studies" / study_name).glob("worker-*"))
-    shown = out + err + logs + json.dumps(study.user_attrs)
+    shown = out + err + worker_logs(tmp_path, study_name) + json.dumps(study.user_attrs)
     assert secret not in shown and "***" in out
     assert (tmp_path / "studies" / study_name / "best.json").exists()
 
@@ -238,20 +246,7 @@ def test_sigint_marks_the_trial_writes_best_and_resumes(
 
 def test_two_workers_share_one_sqlite_study(study_name, tmp_path) -> None:
     url = f"sqlite:///{tmp_path}/shared.db"
-    p = search(
-        *TINY,
-        "--workers",
-        "2",
-        "--trials",
-        "20",
-        "--storage",
-        url,
-        "--study-name",
-        study_name,
-        cwd=tmp_path,
-    )
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err + out
+    run_workers(2, 20, url, study_name, tmp_path)
     assert_whole(load(url, study_name), 20)
-    logs = "".join(f.read_text() for f in (tmp_path / "studies" / study_name).glob("worker-*"))
+    logs = worker_logs(tmp_path, study_name)
     assert "database is locked" not in logs and "Traceback" not in logs
