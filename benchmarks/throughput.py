@@ -15,6 +15,7 @@ second is timed.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from benchmarks.machine import save
-from models import count_params
+from models import build_model, count_params
 from models.presets import preset
 from search.train import TrainConfig, make_optimizer, resolve_device, train
 
@@ -73,8 +74,6 @@ def classic_loop(
         pin_memory=device.type == "cuda",
     )
     torch.manual_seed(cfg.seed)
-    from models import build_model
-
     fmt = torch.channels_last if fast_compute else torch.contiguous_format
     model = build_model(spec).to(device, memory_format=fmt)
     opt = make_optimizer(model, cfg)
@@ -122,8 +121,6 @@ def main() -> None:
     cuda = device.type == "cuda"
     n = args.images or (50_000 if cuda else 1_536)
     bs = args.batch_size or (512 if cuda else 128)
-    import os
-
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
     spec = preset(args.preset)
     cfg = TrainConfig(epochs=2, batch_size=bs, lr=0.05, label_smoothing=0.1)
