@@ -23,9 +23,13 @@ import torch
 
 import search.cli  # noqa: F401  (silences Optuna's experimental-feature warnings)
 from benchmarks.machine import save
-from search.data import synthetic
-from search.objective import Limits, Objective, search_split
-from search.study import claim_slot, counts, make_pruner, make_sampler, make_storage
+from search.data import search_split, synthetic
+from search.limits import Limits
+from search.profile import Profile
+from search.records import counts
+from search.signals import Stop
+from search.study import Slots, make_pruner, make_storage
+from search.worker import Search, run_worker
 
 
 class StorageTimer:
@@ -60,25 +64,13 @@ def measure(url: str, trials: int) -> dict[str, float]:
         storage=storage,
         study_name=name,
         direction="maximize",
-        sampler=make_sampler(0),
-        pruner=make_pruner(2),
+        pruner=make_pruner("median", [512, 1024]),
     )
     data = search_split(synthetic(n_train=1024, n_test=64), 0, 512, 256)
-    objective = Objective(
-        data,
-        Limits(5_000_000, 40_000_000),
-        2,
-        0,
-        torch.device("cpu"),
-        claim=lambda t: claim_slot(study, t, trials, url),
-    )
-
-    def enough(st: optuna.Study, _t: optuna.trial.FrozenTrial) -> None:
-        if counts(st.get_trials(deepcopy=False))["trained"] >= trials:
-            st.stop()
-
+    profile = Profile("bench", 1024, (0.5, 1.0), min_steps=8, batch_sizes=(64, 128))
+    search = Search(data, Limits(5_000_000, 40_000_000), profile, 0, torch.device("cpu"))
     start = time.perf_counter()
-    study.optimize(objective, callbacks=[enough])
+    run_worker(study, search, Slots(study, trials, url), Stop(), url=url)
     wall = time.perf_counter() - start
     done = study.get_trials(deepcopy=False)
     trained = counts(done)["trained"]

@@ -4,6 +4,9 @@ These walk the same `stage_plan` as the builder, so a candidate can be
 judged against the budget in microseconds, before any weight exists.
 MACs count the multiply-accumulates of convolutions and the linear head
 per image (BatchNorm, activations, pooling and additions are not counted).
+Bytes are the payload of the saved state dict: every parameter and buffer
+(BatchNorm's running statistics, and its int64 batch counter), floating-point
+tensors at the chosen width.
 """
 
 from __future__ import annotations
@@ -67,6 +70,33 @@ def count_params(spec: ArchSpec) -> int:
     """Exactly `sum(p.numel() for p in build_model(spec).parameters())`."""
     body = sum(stage_params(s) for s in stage_plan(spec))
     return stem_params(spec) + body + linear_params(spec.head_features, spec.num_classes)
+
+
+def batchnorms(spec: ArchSpec) -> list[int]:
+    """The width of every BatchNorm, stem first: each holds 2 running statistics per channel
+    and one int64 counter besides its 2 parameters per channel."""
+    widths = [spec.stem_channels]
+    for b in (b for s in stage_plan(spec) for b in s.blocks()):
+        widths += [b.out_channels] * (3 if b.has_skip_conv else 2)
+    return widths
+
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+COUNTER_BYTES = 8  # BatchNorm's num_batches_tracked stays int64 at any weight width
+
+
+def count_bytes(spec: ArchSpec, dtype: str = "fp32") -> int:
+    """Bytes of the state dict's tensors with floating-point ones at `dtype`.
+
+    Equals `sum(t.numel() * t.element_size() for t in model.to(dtype).state_dict().values())`
+    for fp32, fp16 and bf16; int8 counts 1 byte per floating-point value (quantisation
+    scales not included).
+    """
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    bns = batchnorms(spec)
+    floats = count_params(spec) + 2 * sum(bns)
+    return floats * DTYPE_BYTES[dtype] + COUNTER_BYTES * len(bns)
 
 
 def count_macs(spec: ArchSpec) -> int:

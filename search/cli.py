@@ -1,9 +1,11 @@
-"""What every CLI of the search shares: one-line errors with exit code 2."""
+"""What every CLI of the search shares: one-line errors with exit code 2, counts as
+people write them, and opening the study a command names."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import NoReturn
@@ -24,6 +26,43 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+_NUMBER = r"\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+)\s*"
+_COUNT_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30,
+}  # fmt: skip
+
+
+def _parse(text: str, units: dict[str, float], example: str) -> int:
+    m = re.fullmatch(_NUMBER + r"([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in units:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (try {example})")
+    value = float(m.group(1)) * units[unit]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return round(value)
+
+
+def parse_count(text: str) -> int:
+    """`5000000`, `5e6`, `5M`, `4.5m`, `500k`, `1G` -> an integer count."""
+    return _parse(text, _COUNT_UNITS, "5M, 5e6 or 500k")
+
+
+def parse_bytes(text: str) -> int:
+    """`10MB` (10^6), `10MiB` (2^20), `500kB`, `2e7` -> bytes."""
+    return _parse(text, _BYTE_UNITS, "10MB, 10MiB or 500kB")
+
+
+def human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:g}"
+
+
 def add_study_args(ap: argparse.ArgumentParser) -> None:
     """--storage and --study-name, as every CLI that reads an existing study takes them."""
     ap.add_argument(
@@ -40,11 +79,3 @@ def load_existing(args: argparse.Namespace) -> optuna.Study:
     if storage.startswith("sqlite:///") and not Path(storage[10:]).exists():
         raise StudyError(f"no study database at {storage[10:]}; pass --storage")
     return open_study(storage, args.study_name, create=False, heartbeat=None)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write then rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -11,7 +11,7 @@ import gzip
 import os
 import pickle
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -346,6 +346,54 @@ def subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     if n >= len(labels):
         return torch.arange(len(labels))
     return stratified_split(labels, n, seed)[1]
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """The training and validation split the trials see; the test split stays out."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(channels, size, classes): what the sampled architectures must take."""
+        return self.train_x.shape[1], self.train_x.shape[2], self.num_classes
+
+    def to(self, device: torch.device) -> SearchData:
+        """The same split on `device`, moved once for all the trials of a worker."""
+        return replace(
+            self,
+            train_x=self.train_x.to(device),
+            train_y=self.train_y.to(device),
+            val_x=self.val_x.to(device),
+            val_y=self.val_y.to(device),
+        )
+
+
+def search_split(
+    ds: Dataset, seed: int, train_images: int | None = None, val_images: int | None = None
+) -> SearchData:
+    """Hold out a stratified validation split (5,000 images from 50,000+, else 10%).
+
+    The search seed chooses it, so it is part of a study's settings.
+    `train_images` / `val_images` shrink both to stratified subsets.
+    """
+    n = len(ds.train_y)
+    keep, val = stratified_split(ds.train_y, 5000 if n >= 50_000 else 0.1, seed)
+    if train_images:
+        keep = keep[subset(ds.train_y[keep], train_images, seed)]
+    if val_images:
+        val = val[subset(ds.train_y[val], val_images, seed)]
+    x, y = ds.train_x[keep], ds.train_y[keep]
+    mean, std = channel_stats(x)
+    return SearchData(ds.name, x, y, ds.train_x[val], ds.train_y[val], mean, std, ds.num_classes)
 
 
 # --- batched augmentation on the training device ----------------------------------------

@@ -9,49 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.cli import Parser, add_study_args, load_existing, write_atomic
-from search.env import versions
-from search.objective import trial_arch
-from search.study import StudyError, best_trial
-
-EXPORT_FORMAT = "budget-nas-export/1"
-
-
-def export_trial(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
-    spec = trial_arch(trial)
-    attrs, meta = trial.user_attrs, study.user_attrs
-    return {
-        "format": EXPORT_FORMAT,
-        "architecture": spec.to_dict(),
-        "params": attrs["params"],
-        "macs": attrs["macs"],
-        "budget": meta.get("budget"),
-        "dataset": meta.get("dataset"),
-        "training": attrs["training"],
-        "validation": {
-            "accuracy": trial.value,
-            "curve": attrs.get("val_curve"),
-            "loss": attrs.get("val_loss"),
-            "images": meta.get("val_images"),
-            "train_images": meta.get("train_images"),
-        },
-        "study_name": study.study_name,
-        "trial": trial.number,
-        "seed": attrs.get("seed"),
-        "search_seed": meta.get("seed"),
-        "space_version": meta.get("space_version"),
-        "train_seconds": attrs.get("train_seconds"),
-        "device": attrs.get("device"),
-        "versions": versions(),
-        "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+from search.cli import Parser, add_study_args, load_existing
+from search.records import best_trial, export_trial, write_json
+from search.study import StudyError
 
 
 def select_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
@@ -70,10 +35,6 @@ def select_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
             "trials have a final validation accuracy to export"
         )
     return t
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

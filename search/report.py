@@ -21,18 +21,10 @@ import optuna
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
-from search.cli import Parser, add_study_args, load_existing, write_atomic
-from search.study import StudyError, counts, is_rejected, ranked
-
-
-def pareto_front(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """The points no other beats on both fewer parameters and higher accuracy."""
-    front, best = [], float("-inf")
-    for params, acc in sorted(points, key=lambda p: (p[0], -p[1])):
-        if acc > best:
-            front.append((params, acc))
-            best = acc
-    return front
+from search.cli import Parser, add_study_args, load_existing
+from search.front import pareto_front
+from search.records import counts, outcome, ranked, write_atomic
+from search.study import StudyError
 
 
 def accuracy_vs_params(trials: list[FrozenTrial], budget: int | None) -> go.Figure:
@@ -52,7 +44,7 @@ def accuracy_vs_params(trials: list[FrozenTrial], budget: int | None) -> go.Figu
             "colorbar": {"title": "trial"},
         },
     )
-    rejected = [t for t in trials if is_rejected(t) and "params" in t.user_attrs]
+    rejected = [t for t in trials if outcome(t) == "rejected" and "params" in t.user_attrs]
     if rejected:
         fig.add_scatter(
             x=[t.user_attrs["params"] for t in rejected],
@@ -61,11 +53,11 @@ def accuracy_vs_params(trials: list[FrozenTrial], budget: int | None) -> go.Figu
             name="rejected (never built)",
             marker={"symbol": "x", "color": "crimson", "size": 6},
         )
-    front = pareto_front([(t.user_attrs["params"], t.value) for t in done])
+    front = pareto_front(trials)
     if front:
         fig.add_scatter(
-            x=[p for p, _ in front],
-            y=[a for _, a in front],
+            x=[t.user_attrs["params"] for t in front],
+            y=[t.value for t in front],
             mode="lines+markers",
             line={"shape": "hv", "color": "black"},
             name="Pareto front",
@@ -135,31 +127,36 @@ def top_table(trials: list[FrozenTrial], n: int = 10) -> str:
 
 
 def final_figures(result: dict[str, Any]) -> list[go.Figure]:
-    epochs = result["epochs"]
-    x = [e["epoch"] for e in epochs]
+    """Learning curves of every seed's run, and the confusion matrix summed over them."""
+    runs = result["runs"]
     curves = go.Figure()
-    curves.add_scatter(x=x, y=[e["train_accuracy"] for e in epochs], name="train accuracy")
-    curves.add_scatter(x=x, y=[e["test_accuracy"] for e in epochs], name="test accuracy")
-    curves.add_scatter(x=x, y=[e["train_loss"] for e in epochs], name="train loss", yaxis="y2")
+    for r in runs:
+        x = [e["epoch"] for e in r["epochs"]]
+        seed = f"seed {r['seed']}"
+        curves.add_scatter(x=x, y=[e["train_accuracy"] for e in r["epochs"]], name=f"train, {seed}")
+        curves.add_scatter(x=x, y=[e["test_accuracy"] for e in r["epochs"]], name=f"test, {seed}")
+        curves.add_scatter(
+            x=x, y=[e["train_loss"] for e in r["epochs"]], name=f"train loss, {seed}", yaxis="y2"
+        )
+    each = ", ".join(f"{100 * r['test_accuracy']:.2f}" for r in runs)
     curves.update_layout(
-        title=f"Final training: {100 * result['test_accuracy']:.2f}% test accuracy, "
-        f"{result['params']:,} params, {result['seconds']:.0f} s on {result['device']}",
+        title=f"Final training: {100 * result['test_accuracy']:.2f}% "
+        f"+- {100 * result['test_accuracy_std']:.2f} test accuracy over {len(runs)} seed(s) "
+        f"({each}), {result['params']:,} params, {result['seconds']:.0f} s on {result['device']}",
         xaxis_title="epoch",
         yaxis={"title": "accuracy"},
         yaxis2={"title": "loss", "overlaying": "y", "side": "right"},
     )
-    classes = result.get("classes") or [str(i) for i in range(len(result["confusion_matrix"]))]
+    total = [
+        [sum(r["confusion_matrix"][i][j] for r in runs) for j in range(len(row))]
+        for i, row in enumerate(runs[0]["confusion_matrix"])
+    ]
+    classes = result.get("classes") or [str(i) for i in range(len(total))]
     cm = go.Figure(
-        go.Heatmap(
-            z=result["confusion_matrix"],
-            x=classes,
-            y=classes,
-            colorscale="Blues",
-            texttemplate="%{z}",
-        )
+        go.Heatmap(z=total, x=classes, y=classes, colorscale="Blues", texttemplate="%{z}")
     )
     cm.update_layout(
-        title="Confusion matrix (test split)",
+        title=f"Confusion matrix (test split, summed over {len(runs)} seed(s))",
         xaxis_title="predicted",
         yaxis_title="true",
         yaxis={"autorange": "reversed"},

@@ -1,15 +1,23 @@
 """Storage URL -> study: SQLite or PostgreSQL through Optuna's RDBStorage.
 
 Creating and resuming are the same call (`load_if_exists`), so any number of
-workers can run it at once. RDB storages get a heartbeat, and a trial whose
-worker died is failed and retried by `RetryHeartbeatStaleTrialCallback`.
+workers can run it at once. RDB storages get a heartbeat; a trial whose
+worker died is failed and retried by Optuna's `RetryHeartbeatStaleTrialCallback`,
+at once when its process is known to be gone (same host, pid gone), else
+after the grace period. A global trial count holds across workers through
+slots claimed under a lock.
 """
 
 from __future__ import annotations
 
+import copy
 import fcntl
+import hashlib
+import os
+import socket
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,11 +25,14 @@ from typing import Any
 import optuna
 import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 
 HEARTBEAT_S = 30
 GRACE_S = 120
 MAX_RETRY = 2
+PRUNERS = ("median", "percentile", "halving", "hyperband", "none")
+SLOT = "slot"  # user attr: the trial holds one of the study's --trials training slots
 
 
 class StudyError(Exception):
@@ -40,6 +51,18 @@ def safe_url(url: str) -> str:
         return "<unparseable storage URL>"
 
 
+class Retry(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a failed trial, keeping what the candidate is and its slot,
+    not how its last run went (who ran it, why it stopped)."""
+
+    KEEP = ("arch", "params", "macs", "bytes", "preset", SLOT)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        candidate = copy.deepcopy(trial)
+        candidate.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in self.KEEP}
+        super().__call__(study, candidate)
+
+
 Heartbeat = tuple[int, int] | None  # (interval, grace period) in seconds; None: off
 
 
@@ -49,7 +72,7 @@ def make_storage(url: str, heartbeat: Heartbeat = (HEARTBEAT_S, GRACE_S)) -> RDB
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
         raise StudyError(
-            "--storage is not a database URL; use sqlite:///path.db or "
+            "the storage is not a database URL; use sqlite:///path.db or "
             "postgresql+psycopg://user:password@host:5432/dbname"
         ) from None
     if parsed.get_backend_name() == "sqlite":
@@ -70,7 +93,7 @@ def make_storage(url: str, heartbeat: Heartbeat = (HEARTBEAT_S, GRACE_S)) -> RDB
         hb = {
             "heartbeat_interval": heartbeat[0],
             "grace_period": heartbeat[1],
-            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(MAX_RETRY),
+            "heartbeat_stale_trial_callback": Retry(MAX_RETRY),
         }
     try:
         return RDBStorage(url, engine_kwargs=engine_kwargs, **hb)
@@ -81,6 +104,12 @@ def make_storage(url: str, heartbeat: Heartbeat = (HEARTBEAT_S, GRACE_S)) -> RDB
         raise StudyError(f"cannot open storage {safe_url(url)}: {reason}") from None
 
 
+def derived_seed(*parts: object) -> int:
+    """A well-spread 31-bit seed from a study seed and what tells runs apart."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFF_FFFF
+
+
 def make_sampler(seed: int | None) -> optuna.samplers.TPESampler:
     # constant_liar: parallel workers see running trials as bad, so they spread out;
     # group: the per-stage parameters exist only for some stage counts.
@@ -89,28 +118,43 @@ def make_sampler(seed: int | None) -> optuna.samplers.TPESampler:
     )
 
 
-def make_pruner(epochs: int) -> optuna.pruners.MedianPruner:
-    """Steps are 1-based epochs; with warmup w the first decision follows epoch w."""
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 5))
+def make_pruner(kind: str, rung_images: list[int]) -> optuna.pruners.BasePruner:
+    """Steps are the images seen at each rung, the same in every trial of a study."""
+    first, last = rung_images[0], rung_images[-1]
+    factor = max(2, round(rung_images[1] / first)) if len(rung_images) > 1 else 3
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+    if kind == "percentile":
+        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=5, n_warmup_steps=0)
+    if kind == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=first, reduction_factor=factor, min_early_stopping_rate=0
+        )
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=first, max_resource=last, reduction_factor=factor
+        )
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"pruner must be one of {', '.join(PRUNERS)}, got {kind!r}")
 
 
 def open_study(
     url: str,
     name: str,
     *,
-    seed: int | None = None,
-    epochs: int = 10,
+    pruner: optuna.pruners.BasePruner | None = None,
     create: bool = True,
     heartbeat: Heartbeat = (HEARTBEAT_S, GRACE_S),
 ) -> optuna.Study:
-    """Create or resume (`create=True`), or load an existing study (`create=False`)."""
+    """Create or resume (`create=True`), or load an existing study (`create=False`).
+
+    The sampler is a placeholder until the worker claims its number (`join`).
+    """
     storage = make_storage(url, heartbeat=heartbeat)
-    kwargs = {
-        "storage": storage,
-        "study_name": name,
-        "sampler": make_sampler(seed),
-        "pruner": make_pruner(epochs),
-    }
+    kwargs = {"storage": storage, "study_name": name, "sampler": make_sampler(None)}
+    if pruner is not None:
+        kwargs["pruner"] = pruner
     try:
         if create:
             return optuna.create_study(direction="maximize", load_if_exists=True, **kwargs)
@@ -124,56 +168,16 @@ def open_study(
         raise StudyError(f"cannot use storage {safe_url(url)}: {str(e).splitlines()[0]}") from None
 
 
-# --- reading a study ------------------------------------------------------------------
-
-
-def is_rejected(t: FrozenTrial) -> bool:
-    """Over the budget: stopped by the gate, never trained."""
-    return "rejected" in t.user_attrs
-
-
-def counts(trials: list[FrozenTrial]) -> dict[str, int]:
-    """Trained (complete + pruned by the median rule), rejected, failed, running."""
-    c = {"complete": 0, "pruned": 0, "rejected": 0, "failed": 0, "running": 0}
-    for t in trials:
-        if t.state == TrialState.COMPLETE:
-            c["complete"] += 1
-        elif t.state == TrialState.PRUNED:
-            c["rejected" if is_rejected(t) else "pruned"] += 1
-        elif t.state == TrialState.FAIL:
-            c["failed"] += 1
-        elif t.state == TrialState.RUNNING:
-            c["running"] += 1
-    c["trained"] = c["complete"] + c["pruned"]
-    return c
-
-
-def ranked(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """Completed trials, best validation accuracy first."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    return sorted(done, key=lambda t: t.value, reverse=True)
-
-
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best complete trial, or None before the first one finishes."""
-    best = ranked(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    return best[0] if best else None
-
-
-# --- one global trial count across workers ----------------------------------------------
-
-SLOT = "slot"  # user attr: the trial holds one of the study's --trials training slots
-
-
 @contextmanager
-def study_lock(url: str, name: str) -> Iterator[None]:
+def study_lock(url: str | None, name: str) -> Iterator[None]:
     """A mutex over one study, shared by every worker of it.
 
     PostgreSQL: a transaction-scoped advisory lock (any number of machines).
     SQLite: an flock on a file beside the database (one machine, as SQLite is).
+    No URL (an in-memory study): one process, nothing to lock.
     """
-    parsed = sqlalchemy.engine.make_url(url)
-    backend = parsed.get_backend_name()
+    parsed = sqlalchemy.engine.make_url(url) if url else None
+    backend = parsed.get_backend_name() if parsed else None
     if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
         with open(f"{parsed.database}.lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -182,8 +186,7 @@ def study_lock(url: str, name: str) -> Iterator[None]:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
     elif backend == "postgresql":
-        engine = _lock_engine(url)
-        with engine.begin() as conn:
+        with _lock_engine(url).begin() as conn:
             conn.execute(
                 sqlalchemy.text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
                 {"k": f"budget-nas:{name}"},
@@ -202,41 +205,181 @@ def _lock_engine(url: str) -> sqlalchemy.Engine:
     return _ENGINES[url]
 
 
+# --- a study's settings ------------------------------------------------------------------
+
+
+def record_or_check(study: optuna.Study, settings: dict[str, Any], url: str | None) -> None:
+    """Record the settings on a new study; on an existing one, refuse any difference.
+
+    Trials scored on another split, budget or profile are not comparable, so a
+    resume with other settings is an error (StudyError), never a silent mix.
+    """
+    with study_lock(url, study.study_name):
+        attrs = study.user_attrs
+        if "settings" not in attrs:
+            study.set_user_attr("settings", settings)
+            for key in ("budget", "dataset", "seed"):  # shown by optuna-dashboard's study list
+                study.set_user_attr(key, settings[key])
+            return
+    recorded = attrs["settings"]
+    if recorded.get("seed") != settings["seed"]:
+        raise StudyError(
+            f"study {study.study_name!r} was made with --seed {recorded.get('seed')}, "
+            f"this run has --seed {settings['seed']}; the seed chooses the validation split, "
+            "so use the same seed or another --study-name"
+        )
+    diff = [
+        f"{k} {recorded.get(k)!r} (this run: {v!r})"
+        for k, v in settings.items()
+        if recorded.get(k) != v
+    ]
+    if diff:
+        raise StudyError(
+            f"study {study.study_name!r} was made with different settings: "
+            f"{'; '.join(diff)}. Use another --study-name, or the same settings"
+        )
+
+
+def join(study: optuna.Study, url: str | None, seed: int) -> tuple[int, int]:
+    """Give this process the study's next worker number and its own sampler seed.
+
+    Workers with one seed would propose the same candidates; the seed is
+    derived from the study seed and the worker number, so it is reproducible.
+    """
+    with study_lock(url, study.study_name):
+        number = int(study.user_attrs.get("workers", 0))
+        study.set_user_attr("workers", number + 1)
+    sampler_seed = derived_seed(seed, "worker", number)
+    study.sampler = make_sampler(sampler_seed)
+    return number, sampler_seed
+
+
+# --- heartbeats and dead workers --------------------------------------------------------
+
+
+# The worker runs the storage's heartbeat around each trial itself (below), as
+# Study.optimize does; Optuna's warning on ask() assumes nobody does.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+
+
+@contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    """The heartbeat `study.optimize` runs around a trial, for the ask-and-tell loop."""
+    thread = get_heartbeat_thread(trial._trial_id, study._storage)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def this_process() -> dict[str, Any]:
+    """Who runs a trial, precisely enough to tell later, on the same host, that it is gone."""
+    try:
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pidns = 0
+    return {
+        "host": socket.gethostname(),
+        "boot": _read("/proc/sys/kernel/random/boot_id"),
+        "pidns": pidns,
+        "pid": os.getpid(),
+        "start": _proc_start(os.getpid()),
+    }
+
+
+def is_gone(process: dict[str, Any], here: dict[str, Any]) -> bool:
+    """True only when certain: same host, boot and pid namespace, and that pid is not
+    the same process any more. Anything else is left to the heartbeat's grace period."""
+    same_machine = all(process.get(k) == here[k] for k in ("host", "boot", "pidns"))
+    if not same_machine or not here["boot"] or process.get("start") is None:
+        return False
+    return _proc_start(process["pid"]) != process["start"]
+
+
+def fail_dead_trials(study: optuna.Study, trials: list[FrozenTrial]) -> list[int]:
+    """Fail (and retry) RUNNING trials whose process is known to be gone; their numbers."""
+    here, done = this_process(), []
+    for t in trials:
+        if t.state != TrialState.RUNNING or not is_gone(t.user_attrs.get("process", {}), here):
+            continue
+        try:
+            frozen = study.tell(t.number, state=TrialState.FAIL)
+        except (ValueError, RuntimeError):
+            continue  # another worker finished it first
+        Retry(MAX_RETRY)(study, frozen)
+        done.append(t.number)
+    return done
+
+
+# --- one global trial count across workers ----------------------------------------------
+
+
+def is_trained(t: FrozenTrial) -> bool:
+    """Trained to the end or pruned by the pruner: what counts towards --trials."""
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "rejected" not in t.user_attrs
+
+
 def slot_holders(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """Trials that hold a slot: trained, training, or waiting to be retried."""
-    live = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
-    return [t for t in trials if SLOT in t.user_attrs and t.state in live]
+    live = (TrialState.RUNNING, TrialState.WAITING)
+    return [t for t in trials if SLOT in t.user_attrs and (t.state in live or is_trained(t))]
 
 
-def claim_slot(study: optuna.Study, trial: optuna.Trial, cap: int, url: str) -> bool:
-    """Give `trial` one of the `cap` slots, atomically across workers; False if none is left.
+class Slots:
+    """The study's `cap` training slots, shared by every worker of it."""
 
-    A retried trial (a copy of one whose worker died) keeps the slot it had.
-    """
-    if SLOT in trial.user_attrs:
-        return True
-    with study_lock(url, study.study_name):
-        held = len(slot_holders(study.get_trials(deepcopy=False)))
-        if held >= cap:
-            return False
-        trial.set_user_attr(SLOT, held)
-        return True
+    def __init__(self, study: optuna.Study, cap: int, url: str | None) -> None:
+        self.study, self.cap, self.url = study, cap, url
 
+    def claim(self, trial: optuna.Trial) -> bool:
+        """Give `trial` a slot, atomically across workers; False if none is left.
 
-def wait_for_slot(study: optuna.Study, cap: int, poll_s: float = 2.0) -> bool:
-    """Block until this worker may start a trial (True) or the study is done (False).
-
-    While every slot is held by running trials, a worker waits instead of
-    sampling: if a holder's worker died, its trial turns stale, is failed and
-    retried, and this worker picks the retry up.
-    """
-    while True:
-        optuna.storages.fail_stale_trials(study)
-        trials = study.get_trials(deepcopy=False)
-        if counts(trials)["trained"] >= cap:
-            return False
-        if any(t.state == TrialState.WAITING for t in trials):
+        A retried trial (a copy of one whose run ended early) keeps the slot it had.
+        """
+        if SLOT in trial.user_attrs:
             return True
-        if len(slot_holders(trials)) < cap:
+        with study_lock(self.url, self.study.study_name):
+            held = len(slot_holders(self.study.get_trials(deepcopy=False)))
+            if held >= self.cap:
+                return False
+            trial.set_user_attr(SLOT, held)
             return True
-        time.sleep(poll_s)
+
+    def wait(self, stopped: Callable[[], bool], poll_s: float = 2.0) -> bool:
+        """Block until this worker may start a trial (True) or the study is done (False).
+
+        While every slot is held by running trials, a worker waits instead of
+        sampling: if a holder's worker died, its trial is failed and retried
+        (at once when its process is known to be gone), and this worker picks
+        the retry up.
+        """
+        while not stopped():
+            optuna.storages.fail_stale_trials(self.study)
+            trials = self.study.get_trials(deepcopy=False)
+            if fail_dead_trials(self.study, trials):
+                continue
+            if sum(map(is_trained, trials)) >= self.cap:
+                return False
+            if any(t.state == TrialState.WAITING for t in trials):
+                return True
+            if len(slot_holders(trials)) < self.cap:
+                return True
+            time.sleep(poll_s)
+        return False

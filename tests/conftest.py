@@ -10,8 +10,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 FAST_SEARCH = [
     "--dataset",
     "synthetic",
-    "--epochs",
-    "2",
+    "--trial-images",
+    "1024",
     "--train-images",
     "512",
     "--val-images",

@@ -1,4 +1,5 @@
-"""Many workers, one study: the global count, dead workers, Ctrl-C, SQLite locking.
+"""Many workers, one study: the global count, distinct samplers, dead workers, signals,
+secrets.
 
 The PostgreSQL tests use the real server at $NAS_TEST_POSTGRES (default
 postgresql+psycopg://postgres@127.0.0.1:5432/test). They skip where none is
@@ -15,18 +16,20 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import optuna
 import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from search.study import SLOT, counts
+from search.records import counts
+from search.study import SLOT, is_trained
 
 from conftest import ROOT
 
 PG_URL = os.environ.get("NAS_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-# Trials of a fraction of a second: 64 synthetic images, one epoch, small networks.
+# Trials of a fraction of a second: 64 synthetic images, two steps, small networks.
 TINY = [
     "--dataset",
     "synthetic",
@@ -34,14 +37,16 @@ TINY = [
     "64",
     "--val-images",
     "32",
-    "--epochs",
-    "1",
+    "--trial-images",
+    "128",
     "--max-macs",
     "12M",
     "--device",
     "cpu",
     "--no-progress",
 ]
+# Trials of a few seconds, so that a signal lands in the middle of one.
+SLOW = [*TINY, "--train-images", "512", "--trial-images", "6000"]
 
 
 def postgres_reachable() -> bool:
@@ -69,33 +74,22 @@ def study_name(request):
         optuna.delete_study(study_name=name, storage=PG_URL)
 
 
-def search(*args: str, cwd, **kw) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+def search(*args: str, cwd, env: dict[str, str] | None = None) -> subprocess.Popen:
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen(
         [sys.executable, "-m", "search.run", *args],
         cwd=cwd,
-        env=env,
+        env=full_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        **kw,
     )
 
 
 def run_workers(workers: int, trials: int, url: str, name: str, cwd) -> tuple[str, str]:
     """`search.run --workers N` to the end; its stdout and stderr."""
-    p = search(
-        *TINY,
-        "--workers",
-        str(workers),
-        "--trials",
-        str(trials),
-        "--storage",
-        url,
-        "--study-name",
-        name,
-        cwd=cwd,
-    )
+    args = ["--workers", str(workers), "--trials", str(trials), "--storage", url]
+    p = search(*TINY, *args, "--study-name", name, cwd=cwd)
     out, err = p.communicate(timeout=900)
     assert p.returncode == 0, err + out
     return out, err
@@ -109,80 +103,123 @@ def load(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
 
 
+def processes_of(study_name: str) -> list[int]:
+    """Pids of live search.run processes of this study (its workers included)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and d.name != str(os.getpid()):
+            with contextlib.suppress(OSError):
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+                stat = (d / "stat").read_text()
+                if b"search.run" in cmd and study_name.encode() in cmd and ") Z " not in stat:
+                    pids.append(int(d.name))
+    return pids
+
+
 def assert_whole(trials, trained: int) -> None:
     c = counts(trials)
     assert c["trained"] == trained, c
-    assert c["running"] == 0
-    assert not any(t.state == TrialState.WAITING for t in trials)
+    assert c["running"] == 0 and c["waiting"] == 0, c
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
 
 
+def assert_distinct_candidates(trials) -> None:
+    """Workers with their own sampler seeds never train the same parameter set twice."""
+    trained = [t for t in trials if is_trained(t)]
+    keys = [json.dumps(t.params, sort_keys=True) for t in trained]
+    assert len(keys) == len(set(keys)), "a parameter set was trained twice"
+    seeds = {
+        t.user_attrs["process"]["worker_number"]: t.user_attrs["sampler_seed"] for t in trained
+    }
+    assert len(set(seeds.values())) == len(seeds)
+
+
+def wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with contextlib.suppress(KeyError, sqlalchemy.exc.OperationalError):
+            found = predicate()
+            if found:
+                return found
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {proc.communicate()}")
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"no {what} after {timeout} s: {proc.communicate()}")
+
+
 @pytest.mark.postgres
 def test_four_workers_reach_exactly_the_global_count(pg_url, study_name, tmp_path) -> None:
-    # Trust auth ignores the password, so a secret one must simply never show up.
-    secret = "s3cret-pw-4ae1"
+    """Exact count, distinct candidates; a password given only in NAS_STORAGE is in no
+    command line (read from /proc while the run is live), no output and no file."""
+    secret = "s3cret-pw-4ae1"  # trust auth ignores it, so it simply must never show up
     url = (
         sqlalchemy.engine.make_url(pg_url)
         .set(password=secret)
         .render_as_string(hide_password=False)
     )
-    out, err = run_workers(4, 200, url, study_name, tmp_path)
+    args = [*TINY, "--workers", "4", "--trials", "200", "--study-name", study_name]
+    p = search(*args, cwd=tmp_path, env={"NAS_STORAGE": url})
+    pids = wait_for(
+        lambda: len(processes_of(study_name)) == 5 and processes_of(study_name), "workers", p
+    )
+    cmdlines = b"".join(Path(f"/proc/{pid}/cmdline").read_bytes() for pid in pids)
+    out, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err + out
+    assert secret.encode() not in cmdlines and b"--worker" in cmdlines
     study = optuna.load_study(study_name=study_name, storage=pg_url)
     trials = study.get_trials(deepcopy=False)
     assert_whole(trials, 200)
-    trained = [
-        t
-        for t in trials
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "rejected" not in t.user_attrs
-    ]
+    assert_distinct_candidates(trials)
+    trained = [t for t in trials if is_trained(t)]
     assert sorted(t.user_attrs[SLOT] for t in trained) == list(range(200))
     assert len({t.user_attrs["worker"] for t in trained}) == 4
-    shown = out + err + worker_logs(tmp_path, study_name) + json.dumps(study.user_attrs)
+    files = "".join(
+        f.read_text(errors="replace") for f in (tmp_path / "studies").rglob("*") if f.is_file()
+    )
+    shown = out + err + files + json.dumps(study.user_attrs)
     assert secret not in shown and "***" in out
     assert (tmp_path / "studies" / study_name / "best.json").exists()
 
 
+def test_two_workers_share_one_sqlite_study(study_name, tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    run_workers(2, 20, url, study_name, tmp_path)
+    trials = load(url, study_name)
+    assert_whole(trials, 20)
+    assert_distinct_candidates(trials)
+    logs = worker_logs(tmp_path, study_name)
+    assert "database is locked" not in logs and "Traceback" not in logs
+
+
 @pytest.mark.postgres
 def test_a_killed_workers_trial_is_failed_and_retried(pg_url, study_name, tmp_path) -> None:
-    args = [
-        *TINY,
-        "--epochs",
-        "4",
-        "--train-images",
-        "512",
-        "--trials",
-        "6",
-        "--storage",
-        pg_url,
-        "--study-name",
-        study_name,
-        "--heartbeat",
-        "1",
-        "--grace",
-        "4",
-    ]
+    """Another machine's worker dies: its trial is failed after the grace period."""
+    args = [*SLOW, "--trials", "6", "--storage", pg_url, "--study-name", study_name]
+    args += ["--heartbeat", "1", "--grace", "4"]
     victim = search(*args, cwd=tmp_path)
-    killed = None
-    deadline = time.time() + 120
-    while killed is None and time.time() < deadline:
-        time.sleep(0.2)
-        try:
-            trials = load(pg_url, study_name)
-        except KeyError:
-            continue
-        running = [
+
+    def running():
+        return [
             t
-            for t in trials
-            if t.state == TrialState.RUNNING
-            and SLOT in t.user_attrs
-            and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
+            for t in load(pg_url, study_name)
+            if t.state == TrialState.RUNNING and SLOT in t.user_attrs
         ]
-        if running:
-            victim.send_signal(signal.SIGKILL)
-            killed = running[0].number
+
+    killed = wait_for(running, "running trial", victim)[0].number
+    victim.send_signal(signal.SIGKILL)
     victim.communicate()
-    assert killed is not None, "the victim never started a trial"
+    # Pretend the dead worker ran on another machine: only the heartbeat can tell.
+    with sqlalchemy.create_engine(pg_url).begin() as c:
+        c.execute(
+            sqlalchemy.text(
+                "UPDATE trial_user_attributes SET value_json = '{}' WHERE key = 'process' AND "
+                "trial_id = (SELECT trial_id FROM trials t JOIN studies s USING (study_id) "
+                "WHERE s.study_name = :s AND t.number = :n)"
+            ),
+            {"s": study_name, "n": killed},
+        )
     survivor = search(*args, "--worker", cwd=tmp_path)  # a worker of the same study
     out, err = survivor.communicate(timeout=600)
     assert survivor.returncode == 0, err + out
@@ -194,59 +231,102 @@ def test_a_killed_workers_trial_is_failed_and_retried(pg_url, study_name, tmp_pa
     assert_whole(trials, 6)
 
 
+def test_a_dead_process_on_this_host_is_retried_at_once(study_name, tmp_path) -> None:
+    """Killed without a word, same host: the next start fails and retries its trial
+    at once, not after the 10-minute grace period."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    args = [*SLOW, "--trials", "3", "--storage", url, "--study-name", study_name]
+    args += ["--grace", "600"]
+    victim = search(*args, cwd=tmp_path)
+
+    def running():
+        trials = load(url, study_name)
+        return [t for t in trials if t.state == TrialState.RUNNING and SLOT in t.user_attrs]
+
+    killed = wait_for(running, "running trial", victim)[0].number
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    start = time.time()
+    again = search(*args, cwd=tmp_path)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err + out
+    trials = load(url, study_name)
+    assert trials[killed].state == TrialState.FAIL
+    assert any(t.system_attrs.get("failed_trial") == killed and is_trained(t) for t in trials)
+    assert_whole(trials, 3)
+    assert time.time() - start < 300
+
+
+def interrupt_mid_trial(args: list[str], name: str, url: str, cwd, signum: int, workers: int):
+    """Start a run, signal it while trials run; (rc, seconds to exit, out, err, trials)."""
+    p = search(*args, cwd=cwd)
+
+    def busy():
+        c = counts(load(url, name))
+        return c["complete"] >= 1 and c["running"] >= workers and len(processes_of(name)) >= workers
+
+    wait_for(busy, f"{workers} running trial(s)", p, timeout=180)
+    t0 = time.time()
+    p.send_signal(signum)
+    out, err = p.communicate(timeout=60)
+    return p.returncode, time.time() - t0, out, err, load(url, name)
+
+
 @pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+    ("backend", "workers", "signum"),
+    [
+        ("sqlite", 1, signal.SIGTERM),
+        ("sqlite", 1, signal.SIGINT),
+        ("sqlite", 2, signal.SIGTERM),
+        pytest.param("postgres", 1, signal.SIGTERM, marks=pytest.mark.postgres),
+        pytest.param("postgres", 2, signal.SIGINT, marks=pytest.mark.postgres),
+    ],
 )
-def test_sigint_marks_the_trial_writes_best_and_resumes(
-    backend, study_name, tmp_path, request
+def test_a_signal_mid_trial_marks_it_writes_best_and_resumes(
+    backend, workers, signum, study_name, tmp_path, request
 ) -> None:
     url = (
         request.getfixturevalue("pg_url") if backend == "postgres" else f"sqlite:///{tmp_path}/s.db"
     )
-    args = [
-        *TINY,
-        "--epochs",
-        "3",
-        "--train-images",
-        "512",
-        "--storage",
-        url,
-        "--study-name",
-        study_name,
-    ]
-    run = search(*args, "--trials", "100", cwd=tmp_path)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.2)
-        try:
-            trials = load(url, study_name)
-        except (KeyError, sqlalchemy.exc.OperationalError):
-            continue
-        c = counts(trials)
-        if c["complete"] >= 1 and c["running"] == 1:
-            break
-    else:
-        run.kill()
-        pytest.fail(f"no trial was running after 120 s: {run.communicate()}")
-    run.send_signal(signal.SIGINT)
-    out, err = run.communicate(timeout=60)
-    assert run.returncode == 130, f"stdout:\n{out}\nstderr:\n{err}"
+    args = [*SLOW, "--storage", url, "--study-name", study_name, "--workers", str(workers)]
+    rc, seconds, out, err, trials = interrupt_mid_trial(
+        [*args, "--trials", "100"], study_name, url, tmp_path, signum, workers
+    )
+    assert rc == 128 + signum, f"stdout:\n{out}\nstderr:\n{err}"
+    assert seconds < 30
+    assert "Traceback" not in out + err + worker_logs(tmp_path, study_name)
+    assert f"stopped by {signal.Signals(signum).name}" in err
     assert "to resume: python -m search.run" in out
-    trials = load(url, study_name)
-    assert counts(trials)["running"] == 0
+    assert processes_of(study_name) == []
+    c = counts(trials)
+    assert c["running"] == 0 and c["failed"] == 0 and c["interrupted"] >= 1
+    interrupted = [t for t in trials if "interrupted" in t.user_attrs]
+    assert all(t.state == TrialState.FAIL for t in interrupted)
+    retries = {t.system_attrs.get("failed_trial") for t in trials if t.state == TrialState.WAITING}
+    assert retries == {t.number for t in interrupted}  # each will run again
     best = json.loads((tmp_path / "studies" / study_name / "best.json").read_text())
-    done = counts(trials)["trained"]
+    assert best["study_name"] == study_name
+    done = c["trained"]
     again = search(*args, "--trials", str(done + 2), cwd=tmp_path)
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     assert f"{done} trained so far" in out
-    assert counts(load(url, study_name))["trained"] == done + 2
-    assert best["study_name"] == study_name
+    trials = load(url, study_name)
+    assert_whole(trials, done + 2)
+    assert all(is_trained(t) for t in trials if t.system_attrs.get("failed_trial") in retries)
 
 
-def test_two_workers_share_one_sqlite_study(study_name, tmp_path) -> None:
-    url = f"sqlite:///{tmp_path}/shared.db"
-    run_workers(2, 20, url, study_name, tmp_path)
-    assert_whole(load(url, study_name), 20)
-    logs = worker_logs(tmp_path, study_name)
-    assert "database is locked" not in logs and "Traceback" not in logs
+def test_workers_stop_when_their_parent_is_killed(study_name, tmp_path) -> None:
+    """SIGKILL leaves no time to pass anything on; the workers notice and stop."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    args = [*SLOW, "--storage", url, "--study-name", study_name, "--workers", "2"]
+    p = search(*args, "--trials", "100", cwd=tmp_path)
+    wait_for(lambda: counts(load(url, study_name))["running"] >= 2, "running trials", p, 180)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    deadline = time.time() + 30
+    while processes_of(study_name) and time.time() < deadline:
+        time.sleep(0.5)
+    assert processes_of(study_name) == []
+    assert counts(load(url, study_name))["running"] == 0
+    assert "Traceback" not in worker_logs(tmp_path, study_name)

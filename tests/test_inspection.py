@@ -6,20 +6,28 @@ browser is the system's). Skips where either is missing, but never in CI.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
+from models.presets import preset
 from search import report, run
+from search.data import synthetic
+from search.final import run_once, summarize
+from search.records import write_json
+from search.trainer import TrainConfig
 
 from conftest import FAST_SEARCH, ROOT
+
+TINY = preset("resnet-tiny")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -98,27 +106,10 @@ def open_page(browser, url: str):
 def test_report_renders_its_plots(small_study, browser, tmp_path) -> None:
     _tmp, url = small_study
     result = tmp_path / "result.json"
-    result.write_text(
-        json.dumps(
-            {
-                "epochs": [
-                    {
-                        "epoch": e,
-                        "train_accuracy": 0.5 + e / 10,
-                        "test_accuracy": 0.5 + e / 12,
-                        "train_loss": 1 / e,
-                    }
-                    for e in range(1, 4)
-                ],
-                "test_accuracy": 0.75,
-                "params": 308_650,
-                "seconds": 12.0,
-                "device": "cpu",
-                "classes": ["a", "b"],
-                "confusion_matrix": [[40, 10], [5, 45]],
-            }
-        )
-    )
+    # A real final training: resnet-tiny, 2 epochs, 2 seeds on the synthetic data.
+    data, cfg = synthetic(n_train=512, n_test=128), TrainConfig(batch_size=128)
+    runs = [run_once(TINY, replace(cfg, seed=s), 2, data, torch.device("cpu"))[0] for s in (0, 1)]
+    write_json(result, summarize(TINY, cfg, 2, data, torch.device("cpu"), runs))
     out = tmp_path / "report.html"
     assert (
         report.main(

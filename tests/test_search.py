@@ -1,8 +1,11 @@
-"""The search service end to end on synthetic data, in temporary SQLite studies."""
+"""The search loop and search.run end to end on synthetic data, in temporary SQLite studies."""
 
 from __future__ import annotations
 
 import json
+import random
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -11,12 +14,17 @@ from optuna.trial import TrialState
 
 from models import build_model, count_params, load_arch
 from models.presets import PRESETS, preset
-from search import export, objective, run, space
-from search.data import synthetic
-from search.objective import Limits, Objective, search_split
-from search.study import counts, open_study
+from search import cli, export, replay, run, space
+from search.data import search_split, synthetic
+from search.limits import Limits
+from search.profile import Profile
+from search.records import counts, trial_arch
+from search.signals import Stop
+from search.study import Slots, is_trained, open_study
+from search.trainer import TrainConfig
+from search.worker import Search, run_worker
 
-from conftest import FAST_SEARCH
+from conftest import FAST_SEARCH, ROOT
 
 FAST = FAST_SEARCH
 
@@ -31,29 +39,28 @@ def storage(tmp_path) -> str:
     return f"sqlite:///{tmp_path}/study.db"
 
 
+def small_search(budget: int = 5_000_000, images: int = 1536, macs: int | None = None) -> Search:
+    data = search_split(synthetic(n_train=1024, n_test=64), 0, train_images=512, val_images=256)
+    profile = Profile("test", images, (1 / 3, 2 / 3, 1.0), min_steps=8, batch_sizes=(64, 128))
+    return Search(data, Limits(budget, macs), profile, 0, torch.device("cpu"))
+
+
+def loop(study: optuna.Study, search: Search, trials: int) -> str:
+    return run_worker(study, search, Slots(study, trials, None), Stop(), url=None)
+
+
 def test_short_search_completes_and_exports(in_tmp, capsys) -> None:
-    rc = run.main(
-        [
-            *FAST,
-            "--trials",
-            "6",
-            "--study-name",
-            "s",
-            "--storage",
-            storage(in_tmp),
-            "--enqueue",
-            "resnet-tiny",
-            "--enqueue",
-            "resnet18",
-        ]
-    )
+    args = [*FAST, "--trials", "6", "--study-name", "s", "--storage", storage(in_tmp)]
+    rc = run.main([*args, "--enqueue", "resnet-tiny", "--enqueue", "resnet18"])
     captured = capsys.readouterr()
     out = captured.out
     assert rc == 0, captured.err
     study = open_study(storage(in_tmp), "s", create=False)
     c = counts(study.trials)
     assert c["trained"] == 6 and c["running"] == 0
-    assert c["rejected"] >= 1  # resnet18 (11M) is over the 5M budget
+    assert "not enqueued: resnet18: it does not fit" in out  # 11.2M, over the 5M budget
+    assert study.trials[0].user_attrs["preset"] == "resnet-tiny"
+    assert trial_arch(study.trials[0]) == preset("resnet-tiny")
     assert "6 trained" in out and "best architecture" in out
     best = json.loads((in_tmp / "studies" / "s" / "best.json").read_text())
     spec = load_arch(in_tmp / "studies" / "s" / "best.json")
@@ -63,11 +70,12 @@ def test_short_search_completes_and_exports(in_tmp, capsys) -> None:
         == sum(p.numel() for p in build_model(spec).parameters())
     )
     assert best["study_name"] == "s" and best["dataset"] == "synthetic"
+    assert best["search_seed"] == 1 and isinstance(best["sampler_seed"], int)
     assert best["validation"]["accuracy"] == study.best_value
-    assert {"training", "macs", "seed", "versions", "trial"} <= set(best)
+    assert {"training", "macs", "bytes", "seed", "versions", "trial"} <= set(best)
 
 
-def test_resume_continues_the_same_study(in_tmp, capsys) -> None:
+def test_resume_continues_and_refuses_other_settings(in_tmp, capsys) -> None:
     args = [*FAST, "--study-name", "r", "--storage", storage(in_tmp)]
     assert run.main([*args, "--trials", "2"]) == 0
     assert run.main([*args, "--trials", "4"]) == 0
@@ -77,54 +85,90 @@ def test_resume_continues_the_same_study(in_tmp, capsys) -> None:
     # Another budget is another experiment: refused, not mixed in.
     assert run.main([*args, "--trials", "5", "--budget", "1M"]) == 2
     assert "different settings" in capsys.readouterr().err
+    # Another seed chooses another validation split: refused, naming both seeds.
+    assert run.main([*args, "--trials", "5", "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--seed 1" in err and "--seed 7" in err and err.count("\n") == 1
 
 
-def small_objective(budget: int = 5_000_000, epochs: int = 3) -> Objective:
-    data = search_split(synthetic(n_train=1024, n_test=64), seed=0)
-    return Objective(data, Limits(budget), epochs, seed=0, device=torch.device("cpu"))
-
-
-def test_over_budget_is_rejected_before_any_model(monkeypatch) -> None:
+def test_over_the_limits_is_rejected_before_anything_else(monkeypatch) -> None:
     def no_build(*_a, **_k):
         raise AssertionError("a model was built for a rejected candidate")
 
-    monkeypatch.setattr("search.train.build_model", no_build)
-    monkeypatch.setattr("search.train.train", no_build)
-    monkeypatch.setattr("search.objective.train", no_build)
+    monkeypatch.setattr("search.trainer.build_model", no_build)
+    monkeypatch.setattr("search.worker.train", no_build)
+    search = small_search(budget=100_000)
+    heavy = {"stages": 4, "growth": 2.0, "pool_div": 1, "stem_kernel": 3, "activation": "relu"}
+    heavy |= {"dropout": 0.0, "width_frac": 0.0}
+    for i in range(1, 5):
+        heavy |= {f"blocks_{i}": 4, f"kernel_{i}": 7, f"skip_kernel_{i}": 3}
     study = optuna.create_study(direction="maximize")
-    study.enqueue_trial(space.preset_params(preset("resnet18")))
-    study.optimize(small_objective(), n_trials=1)
+    study.enqueue_trial(heavy)
+    monkeypatch.setattr("search.worker.MAX_CONSECUTIVE_REJECTIONS", 1)
+    assert loop(study, search, trials=1) == "gave up"
     t = study.trials[0]
-    assert t.state == TrialState.PRUNED
-    assert t.user_attrs["params"] == 11_173_962
-    assert t.user_attrs["rejected"] == "over the limit: params 11,173,962 > 5,000,000"
-    assert t.system_attrs["constraints:params"] == 11_173_962 - 5_000_000
+    assert t.state == TrialState.PRUNED and t.user_attrs["params"] > 100_000
+    assert t.user_attrs["rejected"].startswith("over the limit: params ")
+    assert t.constraints["params"] == pytest.approx((t.user_attrs["params"] - 100_000) / 100_000)
+    # The training settings were never sampled: a rejection teaches sizes, not learning rates.
+    assert not {"optimizer", "batch_size", "lr_sgd", "lr_adamw"} & set(t.params)
+
+
+def test_the_space_rarely_proposes_what_cannot_fit() -> None:
+    """Width is sampled from what fits: a candidate is over the limits only when even
+    its narrowest width is, far fewer than with a width drawn blindly, and every width
+    that fits stays reachable."""
+    limits, shape = Limits(1_000_000, 40_000_000), (1, 28, 10)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    rng = random.Random(0)
+    fits = blind_fits = 0
+    for _ in range(300):
+        trial = study.ask()
+        spec = space.suggest_arch(trial, shape, limits)
+        fits += limits.fits(spec)
+        assert limits.fits(spec) or spec.stem_channels == space.WIDTH_MIN
+        width = rng.randrange(space.WIDTH_MIN, space.WIDTH_MAX + 1, space.WIDTH_STEP)
+        blind_fits += limits.fits(space._with_width(trial.params, spec, width))
+        study.tell(trial, 0.0)
+    assert fits > 1.5 * blind_fits
+    tiny = preset("resnet-tiny", *shape)
+    params = space.preset_params(tiny, limits)
+    reached = {
+        space.suggest_arch(
+            optuna.trial.FixedTrial(params | {"width_frac": i / 100}), shape, limits
+        ).stem_channels
+        for i in range(101)
+    }
+    widest = space.widest(lambda w: space._with_width(params, tiny, w), limits)
+    assert reached == set(range(space.WIDTH_MIN, widest + 1, space.WIDTH_STEP))
 
 
 def test_clearly_worse_trial_is_pruned_by_the_median_rule() -> None:
+    search = small_search()
     study = optuna.create_study(
-        direction="maximize", pruner=optuna.pruners.MedianPruner(5, n_warmup_steps=1)
+        direction="maximize", pruner=optuna.pruners.MedianPruner(5, n_warmup_steps=0)
     )
-    good = space.preset_params(preset("resnet-tiny"), run.TrainConfig(batch_size=128, lr=0.1))
+    arch = space.preset_params(preset("resnet-tiny"), search.limits)
+    good = space.training_params(TrainConfig(batch_size=64, lr=0.1))
     for _ in range(5):
-        study.enqueue_trial(good)
-    # Same network; one step per epoch at the smallest learning rate.
-    bad = space.preset_params(preset("resnet-tiny"), run.TrainConfig(batch_size=512, lr=0.01))
-    study.enqueue_trial(bad)
-    study.optimize(small_objective(), n_trials=6)
+        study.enqueue_trial(arch | good)
+    # Same network at the smallest learning rate of the space.
+    study.enqueue_trial(arch | space.training_params(TrainConfig(batch_size=128, lr=0.01)))
+    loop(study, search, trials=6)
     states = [t.state for t in study.trials]
     assert states[:5] == [TrialState.COMPLETE] * 5
     assert states[5] == TrialState.PRUNED
-    assert study.trials[5].user_attrs["pruned"].startswith("median rule at epoch 1")
-    assert len(study.trials[5].intermediate_values) == 1
+    assert study.trials[5].user_attrs["pruned"].startswith("MedianPruner at 512 images")
+    assert list(study.trials[5].intermediate_values) == [512]
 
 
 def test_every_preset_is_a_point_of_the_space() -> None:
+    limits = Limits(10**12)
     for name in PRESETS:
         for shape in [(3, 32, 10), (1, 28, 10)]:
             spec = preset(name, *shape)
-            params = space.preset_params(spec)
-            assert space.suggest_arch(optuna.trial.FixedTrial(params), *shape) == spec
+            params = space.preset_params(spec, limits)
+            assert space.suggest_arch(optuna.trial.FixedTrial(params), shape, limits) == spec
 
 
 def test_export_cli_by_trial_number(in_tmp, capsys) -> None:
@@ -134,21 +178,9 @@ def test_export_cli_by_trial_number(in_tmp, capsys) -> None:
     study = open_study(storage(in_tmp), "e", create=False)
     number = next(t.number for t in study.trials if t.state == TrialState.COMPLETE)
     out = in_tmp / "t.json"
-    assert (
-        export.main(
-            [
-                "--storage",
-                storage(in_tmp),
-                "--study-name",
-                "e",
-                "--trial",
-                str(number),
-                "-o",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    url = storage(in_tmp)
+    argv = ["--storage", url, "--study-name", "e", "--trial", str(number), "-o", str(out)]
+    assert export.main(argv) == 0
     data = json.loads(out.read_text())
     assert data["trial"] == number
     assert count_params(load_arch(out)) == data["params"]
@@ -156,14 +188,29 @@ def test_export_cli_by_trial_number(in_tmp, capsys) -> None:
     assert "no study 'nope'" in capsys.readouterr().err
 
 
+def test_replay_recomputes_the_stored_accuracy_exactly(in_tmp, capsys) -> None:
+    url = storage(in_tmp)
+    assert run.main([*FAST, "--trials", "3", "--study-name", "p", "--storage", url]) == 0
+    study = open_study(url, "p", create=False)
+    trained = [t for t in study.trials if is_trained(t)]
+    capsys.readouterr()
+    for t in trained[:2]:
+        argv = ["--storage", url, "--study-name", "p", "--trial", str(t.number), "--device", "cpu"]
+        assert replay.main(argv) == 0
+        assert "equal: the trial replays exactly" in capsys.readouterr().out
+    assert replay.main(["--storage", url, "--study-name", "p", "--trial", "999"]) == 2
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--budget", "lots"], "not a count"),
+        (["--budget", "lots"], "not a size"),
         (["--trials", "0"], "--trials must be at least 1"),
-        (["--enqueue", "resnet99"], "unknown preset resnet99"),
+        (["--enqueue", "resnet99"], "invalid choice: 'resnet99'"),
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["--budget", "1k"], "nothing in the search space fits"),
+        (["--max-bytes", "10 parsecs"], "not a size"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
         (["--storage", "notaurl"], "not a database URL"),
         (["--storage", "postgresql+psycopg://nobody:pw@127.0.0.1:1/x"], "Connection refused"),
         (["--storage", "postgres://x:pw@127.0.0.1/db"], "cannot open storage postgres://x:***@"),
@@ -179,8 +226,9 @@ def test_bad_input_is_a_one_line_error(in_tmp, capsys, flags, message) -> None:
     assert ":pw@" not in err
 
 
-def test_budget_parsing() -> None:
-    assert [run.parse_count(s) for s in ["5000000", "5e6", "5M", "4.5m", "500k", "1G"]] == [
+def test_counts_and_sizes_as_people_write_them() -> None:
+    counts_ = ["5000000", "5e6", "5M", "4.5m", "500k", "1G"]
+    assert [cli.parse_count(s) for s in counts_] == [
         5_000_000,
         5_000_000,
         5_000_000,
@@ -188,14 +236,69 @@ def test_budget_parsing() -> None:
         500_000,
         1_000_000_000,
     ]
+    sizes = ["10MB", "10MiB", "500kB", "2e7", "1.5GB", "64 B"]
+    assert [cli.parse_bytes(s) for s in sizes] == [
+        10_000_000,
+        10 * 2**20,
+        500_000,
+        20_000_000,
+        1_500_000_000,
+        64,
+    ]
 
 
-def test_trial_seed_is_recorded_and_replays() -> None:
-    obj = small_objective(epochs=1)
-    study = optuna.create_study(direction="maximize")
-    for _ in range(2):
-        study.enqueue_trial(space.preset_params(preset("resnet-tiny")))
-    study.optimize(obj, n_trials=2)
-    a, b = study.trials
-    assert a.user_attrs["seed"] != b.user_attrs["seed"]
-    assert objective.replay(a, obj.data, obj.device) == a.value
+OOM_SCRIPT = """
+import resource, json, optuna, torch
+from models.presets import preset
+from search import space
+from search.data import search_split, synthetic
+from search.limits import Limits
+from search.profile import Profile
+from search.signals import Stop
+from search.study import Slots
+from search.trainer import TrainConfig
+from search.worker import Search, run_worker
+
+def vm(key):
+    line = next(l for l in open("/proc/self/status") if l.startswith(key))
+    return int(line.split()[1]) * 1024
+
+data = search_split(synthetic(n_train=4700, n_test=64), 0, val_images=64)
+profile = Profile("t", 2048, (1.0,), min_steps=1, batch_sizes=(1024, 64))
+search = Search(data, Limits(10**12), profile, 0, torch.device("cpu"))
+study = optuna.create_study(direction="maximize")
+big = space.preset_params(preset("resnet18"), search.limits)
+study.enqueue_trial(big | space.training_params(TrainConfig(batch_size=1024)))
+small = space.preset_params(preset("resnet-tiny"), search.limits)
+study.enqueue_trial(small | space.training_params(TrainConfig(batch_size=64)))
+# The address space this process may use: what it has now and 1.5 GB more.
+limit = vm("VmSize") + 1_500_000_000
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def live_tensor_bytes():
+    import gc
+    gc.collect()
+    return sum(o.untyped_storage().nbytes() for o in gc.get_objects() if torch.is_tensor(o))
+
+before, after = live_tensor_bytes(), []
+run_worker(study, search, Slots(study, 2, None), Stop(), url=None,
+           on_tell=lambda s, t: after.append(live_tensor_bytes()))
+t0, t1 = study.trials[:2]
+print(json.dumps({"states": [t0.state.name, t1.state.name],
+                  "rejected": t0.user_attrs.get("rejected", ""),
+                  "constraints": t0.constraints, "trained": len(study.trials),
+                  "growth_after_oom": after[0] - before}))
+"""
+
+
+def test_out_of_memory_is_a_constraint_and_the_study_goes_on() -> None:
+    """A real allocation failure: the process's address space is capped below what a
+    ResNet-18 at batch 1024 needs; the candidate after it trains in the freed memory."""
+    out = subprocess.run(
+        [sys.executable, "-c", OOM_SCRIPT], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["states"] == ["PRUNED", "COMPLETE"], r
+    assert r["rejected"].startswith("out of memory on cpu at batch size 1024")
+    assert r["constraints"]["memory"] == 1.0
+    assert r["growth_after_oom"] < 1_000_000  # nothing of the failed run is held on to

@@ -1,0 +1,77 @@
+"""Every smaller budget from one study: the accuracy/size front and the best under a limit.
+
+A study searched under a 5M budget has also trained hundreds of smaller
+candidates; the best completed trial within a smaller budget is as good an
+answer for that budget as a new search would give at its start. The front is
+the set of completed trials that nothing beats on both counts: no other is
+smaller and at least as accurate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from optuna.trial import FrozenTrial, TrialState
+
+from search.records import ranked, trial_arch
+from search.study import StudyError
+
+
+@dataclass(frozen=True)
+class Within:
+    """Optional limits on what a trial may cost; None is no limit."""
+
+    params: int | None = None
+    macs: int | None = None
+    bytes: int | None = None
+    weight_dtype: str = "fp32"
+
+    def admits(self, t: FrozenTrial) -> bool:
+        from models.complexity import count_bytes
+
+        a = t.user_attrs
+        return (
+            (self.params is None or a["params"] <= self.params)
+            and (self.macs is None or a["macs"] <= self.macs)
+            and (self.bytes is None or count_bytes(trial_arch(t), self.weight_dtype) <= self.bytes)
+        )
+
+    def describe(self) -> str:
+        parts = [
+            f"{k} {v:,}"
+            for k, v in (("params", self.params), ("MACs", self.macs), ("bytes", self.bytes))
+            if v is not None
+        ]
+        return ", ".join(parts) or "no limit"
+
+
+def pareto_front(trials: list[FrozenTrial], within: Within = Within()) -> list[FrozenTrial]:
+    """Completed trials within the limits that no other dominates, smallest first.
+
+    Dominated: another trial has no more parameters and at least the accuracy
+    (and is smaller or more accurate, or the same and earlier).
+    """
+    done = [t for t in trials if t.state == TrialState.COMPLETE and within.admits(t)]
+    front, best = [], float("-inf")
+    for t in sorted(done, key=lambda t: (t.user_attrs["params"], -t.value, t.number)):
+        if t.value > best:
+            front.append(t)
+            best = t.value
+    return front
+
+
+def best_within(trials: list[FrozenTrial], within: Within) -> FrozenTrial:
+    """The most accurate completed trial within the limits; StudyError (naming the
+    smallest completed trial) when none fits."""
+    fits = [t for t in ranked(trials) if within.admits(t)]
+    if fits:
+        return fits[0]
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not done:
+        raise StudyError("the study has no completed trial yet")
+    small = min(done, key=lambda t: (t.user_attrs["params"], t.number))
+    raise StudyError(
+        f"no completed trial fits {within.describe()}; the smallest is trial {small.number} "
+        f"with {small.user_attrs['params']:,} params and {small.user_attrs['macs']:,} MACs "
+        f"(validation accuracy {small.value:.4f})"
+    )

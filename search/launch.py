@@ -1,0 +1,88 @@
+"""`--workers N` on one machine: N worker processes on one study, one GPU each.
+
+Each worker is the same command with `--worker`. It gets the storage URL from
+its environment, never its command line (which every local user can read in
+`ps`), GPU i % count through CUDA_VISIBLE_DEVICES, and its parent's pid, so it
+stops by itself if the parent dies without passing anything on. A stop of the
+parent (Ctrl-C, SIGTERM) is passed on to every worker, and the parent waits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from search.signals import Stop
+
+PARENT_ENV = "NAS_PARENT_PID"
+STORAGE_ENV = "NAS_STORAGE"
+KILL_AFTER_S = 60  # a worker that has not stopped this long after the signal is killed
+
+
+def without(argv: list[str], flag: str) -> list[str]:
+    """argv without `flag VALUE` / `flag=VALUE`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def start(n: int, argv: list[str], url: str, log_dir: Path, gpus: int) -> list[subprocess.Popen]:
+    """Start `n` workers of this command; logs in log_dir/worker-<i>.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    child = [*without(without(argv, "--workers"), "--storage"), "--worker", "--no-progress"]
+    procs = []
+    for i in range(n):
+        env = dict(os.environ, **{STORAGE_ENV: url, PARENT_ENV: str(os.getpid())})
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        with (log_dir / f"worker-{i}.log").open("a") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "search.run", *child],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # the terminal's Ctrl-C reaches the parent only
+                )
+            )
+    return procs
+
+
+def follow(procs: list[subprocess.Popen], stop: Stop, tick: Callable[[], None]) -> list[int]:
+    """Wait for every worker, calling `tick` about once a second; pass a stop on.
+
+    Returns their exit codes. A second Ctrl-C is passed on as well, which
+    stops the workers at once.
+    """
+    passed_on_at: float | None = None
+    while any(p.poll() is None for p in procs):
+        try:
+            if stop() and passed_on_at is None:
+                _signal_all(procs, stop.signum or signal.SIGTERM)
+                passed_on_at = time.monotonic()
+            if passed_on_at is not None and time.monotonic() - passed_on_at > KILL_AFTER_S:
+                _signal_all(procs, signal.SIGKILL)
+            tick()
+            time.sleep(0.5)
+        except KeyboardInterrupt:
+            _signal_all(procs, signal.SIGINT)
+    tick()
+    return [p.returncode for p in procs]
+
+
+def _signal_all(procs: list[subprocess.Popen], signum: int) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signum)

@@ -1,0 +1,65 @@
+"""The limits a candidate must fit, judged in closed form before any weight exists.
+
+Parameters (the budget), and optionally MACs per image and the bytes of the
+saved weights at a chosen width. `excess()` is what the gate records as
+constraints: how far over each limit a candidate is (> 0: over), so the
+sampler learns sizes, not just pass or fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models import ArchSpec, count_macs, count_params
+from models.complexity import DTYPE_BYTES, count_bytes
+
+
+@dataclass(frozen=True)
+class Limits:
+    params: int  # the parameter budget
+    macs: int | None = None  # per image; None: no compute limit
+    bytes: int | None = None  # of the saved weights at `weight_dtype`; None: no size limit
+    weight_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.weight_dtype not in DTYPE_BYTES:
+            raise ValueError(
+                f"weight dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.weight_dtype!r}"
+            )
+
+    def measure(self, spec: ArchSpec) -> dict[str, int]:
+        """The sizes this study limits or shows: params, MACs and bytes of the weights."""
+        return {
+            "params": count_params(spec),
+            "macs": count_macs(spec),
+            "bytes": count_bytes(spec, self.weight_dtype),
+        }
+
+    def limits(self) -> dict[str, int]:
+        out = {"params": self.params, "macs": self.macs, "bytes": self.bytes}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def excess(self, sizes: dict[str, int]) -> dict[str, int]:
+        """Constraint values for every set limit: > 0 is over it by that much."""
+        return {k: sizes[k] - limit for k, limit in self.limits().items()}
+
+    def fits(self, spec: ArchSpec) -> bool:
+        return all(v <= 0 for v in self.excess(self.measure(spec)).values())
+
+    def describe(self) -> str:
+        parts = [f"budget {self.params:,} params"]
+        if self.macs is not None:
+            parts.append(f"at most {self.macs:,} MACs/image")
+        if self.bytes is not None:
+            parts.append(f"at most {self.bytes:,} bytes of {self.weight_dtype} weights")
+        return ", ".join(parts)
+
+
+def over(limits: Limits, sizes: dict[str, int]) -> str | None:
+    """Why a candidate is over the limits (`params 11,173,962 > 5,000,000`), or None."""
+    parts = [
+        f"{key} {sizes[key]:,} > {limit:,}"
+        for key, limit in limits.limits().items()
+        if sizes[key] > limit
+    ]
+    return "over the limit: " + ", ".join(parts) if parts else None

@@ -1,0 +1,61 @@
+"""Stopping on request: Ctrl-C, SIGTERM (docker stop, Kubernetes, SLURM) and a dead parent.
+
+A signal only sets an event; the search loop and the trainer look at it at
+safe points (between optimizer steps, between trials), so no storage call is
+cut in half. The running trial is then marked and retried later, and the
+process exits with 128 + the signal's number. A second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+
+class Stop:
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum: int | None = None
+
+    def install(self) -> Stop:
+        """Handle SIGINT and SIGTERM in this (main) thread from now on."""
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.request(signum)
+
+    def request(self, signum: int = signal.SIGTERM) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self.event.set()
+
+    def __call__(self) -> bool:
+        """True once a stop was asked for."""
+        return self.event.is_set()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "stop"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)
+
+    def watch_parent(self, parent_pid: int, poll_s: float = 1.0) -> None:
+        """Stop as if sent SIGTERM when the parent process dies without passing a signal on
+        (SIGKILL, a scheduler's hard timeout): the process is then re-parented."""
+
+        def watch() -> None:
+            while not self.event.is_set():
+                if os.getppid() != parent_pid:
+                    self.request(signal.SIGTERM)
+                    return
+                time.sleep(poll_s)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()

@@ -1,0 +1,407 @@
+"""The trainer: whole splits on the device as uint8, batched augmentation, no DataLoader.
+
+`train()` serves the search trials and the final training alike. Its length is
+a number of training images seen (`TrainConfig.images`), not epochs, so a
+1,800-image folder and 60,000-image Fashion-MNIST both give a candidate enough
+optimizer steps; validation runs at fixed fractions of that length (rungs),
+which is where the search reports to the pruner and the final training ends
+its epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from models import ArchSpec, build_model
+from models.resnet import BasicBlock
+from search.data import augment
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("onecycle", "cosine")
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite; the weights are useless from here on."""
+
+
+class OutOfMemory(Exception):
+    """The device ran out of memory for this model and batch size."""
+
+
+class Stopped(Exception):
+    """A stop was asked for (Ctrl-C, SIGTERM) while training; the run is not finished."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings: the search samples some, the recipe fixes the rest.
+
+    The recipe parts (`ema`, `tta`, `zero_init`, `bn_lr`) default to what
+    benchmarks/trial_recipe.py measured to help; see its result file.
+    """
+
+    images: int = 1_500_000  # training images seen in all: epochs x split size
+    batch_size: int = 256
+    optimizer: str = "sgd"  # SGD with Nesterov momentum 0.9, or AdamW
+    lr: float = 0.1  # peak learning rate
+    weight_decay: float = 5e-4  # on conv and linear weights only
+    label_smoothing: float = 0.1
+    schedule: str = "onecycle"  # linear warmup, then linear (onecycle) or cosine decay
+    warmup: float = 0.2  # fraction of all steps spent warming up
+    crop_padding: int = 4
+    flip: bool = True
+    cutout: int = 0
+    ema: float = 0.0  # evaluate an EMA of the weights over this fraction of all steps; 0: off
+    tta: bool = False  # evaluate on each image and its mirror image
+    zero_init: bool = False  # each block's last BatchNorm starts at zero: blocks start as identity
+    bn_lr: float = 1.0  # learning-rate multiplier of BatchNorm and bias parameters
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.images >= 1, "images", ">= 1"),
+            (self.batch_size >= 2, "batch_size", ">= 2"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number"),
+            (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
+            (self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}"),
+            (0 <= self.warmup < 1, "warmup", "in [0, 1)"),
+            (self.crop_padding >= 0, "crop_padding", ">= 0"),
+            (self.cutout >= 0, "cutout", ">= 0"),
+            (0 <= self.ema < 1, "ema", "in [0, 1)"),
+            (self.bn_lr > 0, "bn_lr", "> 0"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(data) - known)
+        if extra:
+            raise ValueError(f"unknown training setting(s): {', '.join(extra)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class EvalStats:
+    """One rung: what the run looked like after `images` training images."""
+
+    rung: int  # 1-based
+    images: int  # nominal images seen: the rung's fraction of TrainConfig.images
+    step: int
+    train_loss: float  # mean over the steps since the last rung
+    train_acc: float
+    val_loss: float | None
+    val_acc: float | None
+    lr: float
+    seconds: float  # training steps since the last rung, without evaluation
+    images_per_s: float
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the evaluated weights (the EMA when the recipe has one)
+    history: list[EvalStats] = field(default_factory=list)
+    train_seconds: float = 0.0  # training steps only
+    total_seconds: float = 0.0  # with evaluation and setup
+    images_per_s: float = 0.0  # training images per second of training steps
+    device: str = "cpu"
+    val_pred: torch.Tensor | None = None  # predictions of the last validation pass
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` is the first GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def lr_factor(step: int, total: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based) of `total`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Weight decay on conv and linear weights only; BatchNorm and biases at `bn_lr` x lr."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr * cfg.bn_lr},
+    ]
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, **fused)
+
+
+class Normalize:
+    """uint8 batch -> normalised float in the model's memory format."""
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        memory_format: torch.memory_format = torch.channels_last,
+    ) -> None:
+        std_t = torch.tensor(std, device=device)
+        self.scale = (1 / (255 * std_t)).view(1, -1, 1, 1)
+        self.shift = (torch.tensor(mean, device=device) / std_t).view(1, -1, 1, 1)
+        self.memory_format = memory_format
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(memory_format=self.memory_format).float()
+        return x.mul_(self.scale).sub_(self.shift)
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    # bf16 on CUDA (BatchNorm keeps fp32 weights and statistics under autocast); fp32 on CPU.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: Normalize,
+    tta: bool = False,
+    batch_size: int = 1024,
+) -> tuple[float, float, torch.Tensor]:
+    """(mean loss, accuracy, predictions on the device) over a uint8 split on the device.
+
+    With `tta`, the logits of each image and its mirror image are averaged.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    preds = []
+    with _autocast(x.device):
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+            xb = norm(xb)
+            out = model(xb).float()
+            if tta:
+                out = (out + model(xb.flip(3)).float()) / 2
+            loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum")
+            preds.append(out.argmax(1))
+    model.train(was_training)
+    pred = torch.cat(preds)
+    return loss_sum.item() / len(y), (pred == y).float().mean().item(), pred
+
+
+class WeightAverage:
+    """An exponential moving average of the weights, the copy that gets evaluated.
+
+    The decay ramps up from 0 so the random initial weights fade out quickly;
+    BatchNorm statistics are copied, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, horizon_steps: float) -> None:
+        self.model = copy.deepcopy(model)
+        self.decay = 1 - 1 / max(1.0, horizon_steps)
+        self.src = [p.detach() for p in model.parameters()]
+        self.dst = [p.detach() for p in self.model.parameters()]
+        self.src_buf, self.dst_buf = list(model.buffers()), list(self.model.buffers())
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.dst, self.src, 1 - decay)
+        for d, s in zip(self.dst_buf, self.src_buf, strict=True):
+            d.copy_(s)
+
+
+def rung_steps(total: int, rungs: Sequence[float]) -> list[int]:
+    """The step after which each rung's validation runs (the last rung is the end)."""
+    if not rungs or any(not 0 < f <= 1 for f in rungs) or list(rungs) != sorted(set(rungs)):
+        raise ValueError(f"rungs must be increasing fractions in (0, 1], got {list(rungs)}")
+    return [max(1, round(f * total)) for f in rungs]
+
+
+def train(
+    spec: ArchSpec,
+    cfg: TrainConfig,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor | None = None,
+    val_y: torch.Tensor | None = None,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str = "cpu",
+    rungs: Sequence[float] = (1.0,),
+    on_eval: Callable[[EvalStats], None] | None = None,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+    stop: threading.Event | None = None,
+) -> TrainResult:
+    """Train `spec` from scratch for `cfg.images` images, validating at each rung.
+
+    `on_eval` sees every rung and may raise to end the run (a pruned trial);
+    `on_step(step, total, loss)` follows every step; a set `stop` ends it with
+    Stopped. Raises TrainingDiverged on a NaN/inf loss and OutOfMemory when
+    the device cannot hold the model and batch, after freeing what it held.
+    """
+    device = torch.device(device)
+    try:
+        return _Run(spec, cfg, device, mean, std, train_x, train_y, val_x, val_y).go(
+            rungs, on_eval, on_step, stop
+        )
+    except torch.OutOfMemoryError as e:
+        message = str(e).splitlines()[0] if str(e) else "out of memory"
+    except RuntimeError as e:  # the CPU allocator's failure is a plain RuntimeError
+        if "can't allocate memory" not in str(e):
+            raise
+        message = str(e).splitlines()[0]
+    # Outside the except block: the traceback, and the model its frames held, are gone.
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    raise OutOfMemory(f"out of memory on {device} at batch size {cfg.batch_size}: {message}")
+
+
+class _Run:
+    """One training run's state; `go()` is the loop."""
+
+    def __init__(self, spec, cfg, device, mean, std, train_x, train_y, val_x, val_y) -> None:
+        self.start = time.perf_counter()
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.seed)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        # channels_last feeds Tensor Cores on CUDA, and on this project's 2-core CPU it
+        # trained the DESIGN.md example 1.5x faster (138 vs 92 images/s) than NCHW.
+        self.model = build_model(spec).to(device, memory_format=torch.channels_last)
+        if cfg.zero_init:
+            for m in self.model.modules():
+                if isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.body[-1].weight)
+        self.norm = Normalize(mean, std, device)
+        self.x, self.y = train_x.to(device), train_y.to(device)
+        self.val = None if val_x is None else (val_x.to(device), val_y.to(device))
+        self.g = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.bs = min(cfg.batch_size, len(self.x))
+        self.total = max(1, cfg.images // self.bs)
+        self.opt = make_optimizer(self.model, cfg)
+        warmup = round(cfg.warmup * self.total)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, self.total, warmup, cfg.schedule)
+        )
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.ema = WeightAverage(self.model, cfg.ema * self.total) if cfg.ema else None
+        self.order, self.pos = torch.empty(0, dtype=torch.long), 0
+
+    def batch_indices(self) -> torch.Tensor:
+        """Passes over the split in a fresh seeded order; each pass drops its ragged tail
+        (BatchNorm hates tiny batches)."""
+        if self.pos + self.bs > len(self.order):
+            self.order = torch.randperm(len(self.x), device=self.device, generator=self.g)
+            self.pos = 0
+        self.pos += self.bs
+        return self.order[self.pos - self.bs : self.pos]
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.batch_indices()
+        cfg = self.cfg
+        xb = augment(self.x[idx], self.g, cfg.crop_padding, cfg.flip, cfg.cutout)
+        yb = self.y[idx]
+        with _autocast(self.device):
+            out = self.model(self.norm(xb))
+            loss = self.criterion(out.float(), yb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return loss.detach(), (out.argmax(1) == yb).sum()
+
+    def go(self, rungs, on_eval, on_step, stop) -> TrainResult:
+        self.model.train()
+        result = TrainResult(model=self.model, device=str(self.device))
+        ends = rung_steps(self.total, rungs)
+        step = 0
+        for rung, (frac, end) in enumerate(zip(rungs, ends, strict=True), 1):
+            t0, first = time.perf_counter(), step
+            loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+            correct = torch.zeros((), device=self.device, dtype=torch.int64)
+            lr = self.opt.param_groups[0]["lr"]
+            while step < end:
+                if stop is not None and stop.is_set():
+                    raise Stopped(f"stopped at step {step} of {self.total}")
+                loss, right = self.step()
+                if self.ema is not None:
+                    self.ema.update(step)
+                step += 1
+                loss_sum += loss
+                correct += right
+                if on_step is not None:
+                    on_step(step, self.total, loss)
+                if step % 50 == 0 and not torch.isfinite(loss_sum):
+                    break
+            result.history.append(
+                self.finish_rung(rung, frac, step, first, t0, lr, loss_sum, correct)
+            )
+            result.train_seconds += result.history[-1].seconds
+            if self.val is not None:
+                result.val_pred = self.last_pred
+            if on_eval is not None:
+                on_eval(result.history[-1])
+        result.model = self.ema.model if self.ema is not None else self.model
+        result.images_per_s = self.total * self.bs / max(result.train_seconds, 1e-9)
+        result.total_seconds = time.perf_counter() - self.start
+        return result
+
+    def finish_rung(self, rung, frac, step, first, t0, lr, loss_sum, correct) -> EvalStats:
+        seen = (step - first) * self.bs
+        train_loss = loss_sum.item() / max(1, step - first)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(
+                f"loss became {train_loss} by step {step} of {self.total} (lr {lr:.3g})"
+            )
+        val_loss = val_acc = None
+        if self.val is not None:
+            model = self.ema.model if self.ema is not None else self.model
+            val_loss, val_acc, self.last_pred = evaluate(
+                model, *self.val, self.norm, tta=self.cfg.tta
+            )
+        return EvalStats(
+            rung=rung,
+            images=round(frac * self.cfg.images),
+            step=step,
+            train_loss=train_loss,
+            train_acc=correct.item() / max(1, seen),
+            val_loss=val_loss,
+            val_acc=val_acc,
+            lr=lr,
+            seconds=seconds,
+            images_per_s=seen / max(seconds, 1e-9),
+        )
