@@ -1,18 +1,22 @@
-"""Does TPE + budget gate + median pruning beat random search, for the same wall clock?
+"""Does the search beat random search for the same wall clock? And which pruner?
 
-python -m benchmarks.search_efficiency [--seconds 300] [--seeds 0 1 2]
+python -m benchmarks.search_efficiency [--seconds 240] [--seeds 0 1 2 3 4]
+    [--methods random tpe+median tpe+percentile tpe+halving tpe+hyperband] [--resume]
 
-Both methods search the same space on the same Fashion-MNIST subset (the
---quick profile: 2,000 train / 1,000 validation images, 3 epochs, at most 40M
-MACs) under the same 5M budget, one after the other on the same device:
+Every method runs the real search loop (search.worker.run_worker: the same
+space, budget gate and trial profile) on the quick profile's Fashion-MNIST
+split under the 5M budget, for the same wall clock, one run after another on
+the same device, once per seed:
 
-- budget-nas: TPE (multivariate, constant liar) + MedianPruner, as search.run.
-- random: RandomSampler, no pruning. It skips over-budget candidates with the
-  same analytic gate, since otherwise its best could be an invalid answer.
+- random: RandomSampler, no pruning (the gate still skips over-limit candidates,
+  since otherwise its best could be an invalid answer);
+- tpe+PRUNER: multivariate TPE (as search.run) with that pruner.
 
-For every run, the best validation accuracy over elapsed time is recorded;
-the summary gives each method's final best and how long it took to reach
-random search's mean final best.
+Each run records its best validation accuracy over elapsed time. `time_ratio`
+of a method: the median over seeds of the time it needs to reach random
+search's median final best, divided by random search's own median time to
+reach it; a run that never reaches it counts as twice the wall clock.
+Results are saved after every run; --resume skips the runs already saved.
 """
 
 from __future__ import annotations
@@ -20,122 +24,145 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
-from pathlib import Path
 
 import optuna
+import torch
 
-from benchmarks.machine import save
-from search.data import load_dataset
-from search.objective import Limits, Objective, search_split
-from search.run import QUICK
-from search.study import make_pruner, make_sampler
-from search.train import resolve_device
+from benchmarks.machine import RESULTS, save
+from search.data import load_dataset, search_split
+from search.limits import Limits
+from search.profile import QUICK
+from search.records import counts, outcome
+from search.signals import Stop
+from search.study import Slots, make_pruner, make_sampler
+from search.worker import Search, run_worker
+
+METHODS = ("random", "tpe+median", "tpe+percentile", "tpe+halving", "tpe+hyperband")
+Curve = list[tuple[float, float]]  # (elapsed seconds, best validation accuracy so far)
 
 
-def run_one(method: str, seed: int, seconds: float, data, device) -> list[tuple[float, float]]:
-    """[(elapsed seconds, best validation accuracy so far)] at every completed trial."""
-    epochs = QUICK["epochs"]
-    if method == "budget-nas":
-        sampler, pruner = make_sampler(seed), make_pruner(epochs)
+def run_one(method: str, seed: int, seconds: float, search: Search) -> dict:
+    """One timed search; its curve and what it did."""
+    rungs = [round(f * search.profile.images) for f in search.profile.rungs]
+    if method == "random":
+        sampler, pruner = optuna.samplers.RandomSampler, make_pruner("none", rungs)
     else:
-        sampler, pruner = optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner()
-    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
-    objective = Objective(data, Limits(5_000_000, QUICK["max_macs"]), epochs, seed, device)
+        sampler, pruner = make_sampler, make_pruner(method.removeprefix("tpe+"), rungs)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    stop = Stop()
+    timer = threading.Timer(seconds, stop.request)
     start, curve, best = time.perf_counter(), [], 0.0
 
-    def record(st: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+    def record(_st: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
         nonlocal best
         if t.state == optuna.trial.TrialState.COMPLETE and t.value > best:
             best = t.value
             curve.append((time.perf_counter() - start, best))
 
-    study.optimize(objective, timeout=seconds, callbacks=[record])
-    trained = sum(1 for t in study.trials if "rejected" not in t.user_attrs)
+    timer.start()
+    try:
+        slots = Slots(study, 10**6, None)
+        run_worker(study, search, slots, stop, url=None, on_tell=record, sampler=sampler)
+    finally:
+        timer.cancel()
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if outcome(t) != "interrupted"]
+    rejected = [outcome(t) == "rejected" for t in done]
+    c = counts(trials)
     print(
-        f"  {method:10s} seed {seed}: best {best:.4f} after {len(study.trials)} trials "
-        f"({trained} trained)",
+        f"  {method:15s} seed {seed}: best {best:.4f}; {c['trained']} trained "
+        f"({c['complete']} complete, {c['pruned']} pruned), {c['rejected']} rejected",
         flush=True,
     )
-    return curve
+    return {
+        "method": method,
+        "seed": seed,
+        "curve": curve,
+        "final_best": best,
+        "counts": c,
+        "rejected_fraction_first_20": statistics.mean(rejected[:20]) if rejected else None,
+        "rejected_fraction_last_50": statistics.mean(rejected[-50:]) if rejected else None,
+    }
 
 
-def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
-    return next((t for t, acc in curve if acc >= target), None)
+def time_to(curve: Curve, target: float, never: float) -> float:
+    return next((t for t, acc in curve if acc >= target), never)
 
 
-def summarize(curves: dict[str, list[list[tuple[float, float]]]]) -> tuple[dict, float]:
-    """Final bests, and when each run first reached random search's final best:
-    the mean over seeds, and the same seed's."""
-    finals = {m: [c[-1][1] if c else 0.0 for c in cs] for m, cs in curves.items()}
-    target = statistics.mean(finals["random"])
-    summary = {}
-    for method, cs in curves.items():
-        times = [time_to(c, target) for c in cs]
-        same_seed = [time_to(c, finals["random"][i]) for i, c in enumerate(cs)]
-        reached = [t for t in times if t is not None]
-        summary[method] = {
-            "final_best": finals[method],
-            "mean_final_best": statistics.mean(finals[method]),
-            "seconds_to_random_mean_final": times,
-            "median_seconds_to_random_mean_final": statistics.median(reached) if reached else None,
-            "runs_reaching_it": len(reached),
-            "seconds_to_same_seed_random_final": same_seed,
+def summarize(runs: list[dict], seconds: float) -> dict:
+    """Final bests per method and time_ratio against random search."""
+    by = {}
+    for r in runs:
+        by.setdefault(r["method"], []).append(r)
+    target = statistics.median(r["final_best"] for r in by["random"])
+    never = 2 * seconds
+
+    def median_time(method: str) -> float:
+        return statistics.median(time_to(r["curve"], target, never) for r in by[method])
+
+    random_time = median_time("random")
+    out = {"random_median_final_best": target, "random_median_seconds": random_time}
+    for method, rs in by.items():
+        times = [time_to(r["curve"], target, never) for r in rs]
+        out[method] = {
+            "seeds": [r["seed"] for r in rs],
+            "final_best": [r["final_best"] for r in rs],
+            "median_final_best": statistics.median(r["final_best"] for r in rs),
+            "seconds_to_random_median_final_best": times,
+            "time_ratio": statistics.median(times) / random_time,
+            "trained": [r["counts"]["trained"] for r in rs],
+            "rejected_fraction_first_20": [r["rejected_fraction_first_20"] for r in rs],
+            "rejected_fraction_last_50": [r["rejected_fraction_last_50"] for r in rs],
         }
-        med = summary[method]["median_seconds_to_random_mean_final"]
+        m = out[method]
         print(
-            f"{method:10s} final best {', '.join(f'{f:.4f}' for f in finals[method])} "
-            f"(mean {summary[method]['mean_final_best']:.4f}); reached random's mean final "
-            f"best {target:.4f} in {len(reached)}/{len(cs)} runs"
-            + (f", median {med:.0f}s" if med is not None else "")
-            + "; same seed's random final best at "
-            + ", ".join("never" if t is None else f"{t:.0f}s" for t in same_seed)
+            f"{method:15s} final best {', '.join(f'{f:.4f}' for f in m['final_best'])} "
+            f"(median {m['median_final_best']:.4f}); reached {target:.4f} at "
+            f"{', '.join(f'{t:.0f}' for t in times)} s; time_ratio {m['time_ratio']:.2f}"
         )
-    return summary, target
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=300, help="wall clock per run")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seconds", type=float, default=240, help="wall clock per run")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--methods", nargs="+", default=["random", "tpe+median"], choices=METHODS)
+    ap.add_argument("--resume", action="store_true", help="keep the runs already saved")
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument(
-        "--summarize",
-        metavar="RESULT_JSON",
-        help="print the summary of a stored result again (and update it)",
-    )
     args = ap.parse_args()
-    if args.summarize:
-        path = Path(args.summarize)
-        record = json.loads(path.read_text())
-        record["summary"], _ = summarize(record["curves"])
-        path.write_text(json.dumps(record, indent=2) + "\n")
-        return
+    if "random" not in args.methods:
+        ap.error("random is the baseline: include it in --methods")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    device = resolve_device(args.device)
+    device = torch.device("cpu")
     ds = load_dataset("fashion-mnist", args.data_dir)
-    data = search_split(ds, 0, QUICK["train_images"], QUICK["val_images"])
-    print(f"{args.seconds:.0f}s per run, seeds {args.seeds}, on {device}", flush=True)
-    curves: dict[str, list[list[tuple[float, float]]]] = {"budget-nas": [], "random": []}
+    data = search_split(ds, 0, QUICK.train_images, QUICK.val_images)
+    path = RESULTS / "search_efficiency-cpu.json"
+    runs = json.loads(path.read_text())["runs"] if args.resume and path.exists() else []
+    done = {(r["method"], r["seed"]) for r in runs}
+    print(f"{args.seconds:.0f} s per run, seeds {args.seeds}, on {device}", flush=True)
     for seed in args.seeds:
-        for method in curves:
-            curves[method].append(run_one(method, seed, args.seconds, data, device))
-    summary, target = summarize(curves)
-    path = save(
-        "search_efficiency",
-        {
-            "seconds_per_run": args.seconds,
-            "seeds": args.seeds,
-            "profile": QUICK,
-            "budget": 5_000_000,
-            "random_mean_final_best": target,
-            "summary": summary,
-            "curves": curves,
-        },
-        str(device),
-    )
-    print(f"wrote {path}")
+        search = Search(data, Limits(5_000_000, QUICK.max_macs), QUICK, seed, device)
+        for method in args.methods:
+            if (method, seed) not in done:
+                runs.append(run_one(method, seed, args.seconds, search))
+                record = {"seconds_per_run": args.seconds, "seeds": args.seeds, "runs": runs}
+                save("search_efficiency", record | {"profile": QUICK.to_dict()}, "cpu")
+    runs = [r for r in runs if r["method"] in args.methods and r["seed"] in args.seeds]
+    summary = summarize(runs, args.seconds)
+    result = {
+        "seconds_per_run": args.seconds,
+        "seeds": args.seeds,
+        "methods": args.methods,
+        "profile": QUICK.to_dict(),
+        "budget": 5_000_000,
+        "time_ratio": {m: summary[m]["time_ratio"] for m in args.methods},
+        "summary": summary,
+        "runs": runs,
+    }
+    print(f"wrote {save('search_efficiency', result, 'cpu')}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import json
 import sys
 
 from models import load_arch
-from models.complexity import breakdown
+from models.complexity import breakdown, count_bytes
 
 
 def format_table(rows: list[list[str]]) -> str:
@@ -37,12 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = breakdown(spec)
     params, macs = sum(r.params for r in rows), sum(r.macs for r in rows)
+    weights = {dtype: count_bytes(spec, dtype) for dtype in ("fp32", "fp16", "int8")}
     if args.json:
         print(
             json.dumps(
                 {
                     "params": params,
                     "macs": macs,
+                    "bytes": weights,
                     "rows": [r._asdict() for r in rows],
                     "architecture": spec.to_dict(),
                 }
@@ -71,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         f"dropout {spec.dropout}, pool {spec.pool}"
     )
     print(format_table(table))
+    print(
+        "weights (state dict payload): "
+        + ", ".join(f"{n:,} bytes at {dtype}" for dtype, n in weights.items())
+    )
     return 0
 
 

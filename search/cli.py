@@ -29,10 +29,18 @@ class Parser(argparse.ArgumentParser):
 _NUMBER = r"\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+)\s*"
 _COUNT_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 _BYTE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30,
-}  # fmt: skip
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
 
 
 def _parse(text: str, units: dict[str, float], example: str) -> int:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models import ArchSpec, build_model, count_macs, count_params
-from search.data import Dataset
+from search.data import Dataset, SearchData
 from search.env import device_name, versions
 from search.records import weight_bytes
 from search.trainer import EvalStats, TrainConfig, train
@@ -164,3 +164,43 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     model = build_model(ArchSpec.from_dict(ckpt["architecture"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
+
+
+def validate_once(
+    spec: ArchSpec, cfg: TrainConfig, epochs: int, split: SearchData, device: torch.device
+) -> float:
+    """Validation accuracy after `epochs` on the search's training split: for choosing
+    among candidates without looking at the test split."""
+    res = train(
+        spec,
+        epochs_config(cfg, epochs, len(split.train_y)),
+        split.train_x,
+        split.train_y,
+        split.val_x,
+        split.val_y,
+        mean=split.mean,
+        std=split.std,
+        device=device,
+    )
+    return res.history[-1].val_acc
+
+
+def rank_by_validation(
+    candidates: dict[str, tuple[ArchSpec, TrainConfig]],
+    epochs: int,
+    split: SearchData,
+    seeds: list[int],
+    device: torch.device,
+    on_run: Callable[[str, int, float], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every candidate trained with every seed and validated; best mean first."""
+    rows = []
+    for name, (spec, cfg) in candidates.items():
+        accs = []
+        for seed in seeds:
+            accs.append(validate_once(spec, replace(cfg, seed=seed), epochs, split, device))
+            if on_run is not None:
+                on_run(name, seed, accs[-1])
+        mean, sd = mean_sd(accs)
+        rows.append({"name": name, "validation": accs, "val_mean": mean, "val_sd": sd})
+    return sorted(rows, key=lambda r: -r["val_mean"])

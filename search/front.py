@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
 
+from models.complexity import count_bytes
 from search.records import ranked, trial_arch
 from search.study import StudyError
 
@@ -27,8 +28,6 @@ class Within:
     weight_dtype: str = "fp32"
 
     def admits(self, t: FrozenTrial) -> bool:
-        from models.complexity import count_bytes
-
         a = t.user_attrs
         return (
             (self.params is None or a["params"] <= self.params)
@@ -64,8 +63,8 @@ def best_within(trials: list[FrozenTrial], within: Within) -> FrozenTrial:
     """The most accurate completed trial within the limits; StudyError (naming the
     smallest completed trial) when none fits."""
     fits = [t for t in ranked(trials) if within.admits(t)]
-    if fits:
-        return fits[0]
+    if fits:  # of equally accurate trials, the smallest
+        return min(fits, key=lambda t: (-t.value, t.user_attrs["params"], t.number))
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     if not done:
         raise StudyError("the study has no completed trial yet")
@@ -75,3 +74,31 @@ def best_within(trials: list[FrozenTrial], within: Within) -> FrozenTrial:
         f"with {small.user_attrs['params']:,} params and {small.user_attrs['macs']:,} MACs "
         f"(validation accuracy {small.value:.4f})"
     )
+
+
+def train_command(study_name: str, trial: int, storage: str | None = None) -> str:
+    """The command that final-trains a trial of a study (its settings, whole training set)."""
+    where = f" --storage {storage}" if storage else ""
+    return f"python -m search.train --study-name {study_name}{where} --trial {trial}"
+
+
+def front_rows(
+    front: list[FrozenTrial], study_name: str, storage: str | None = None
+) -> list[dict[str, object]]:
+    """One row per front trial: its sizes (bytes at fp32 and fp16), its validation
+    accuracy, and the command that final-trains it."""
+    rows = []
+    for t in front:
+        spec = trial_arch(t)
+        rows.append(
+            {
+                "trial": t.number,
+                "params": t.user_attrs["params"],
+                "macs": t.user_attrs["macs"],
+                "bytes_fp32": count_bytes(spec, "fp32"),
+                "bytes_fp16": count_bytes(spec, "fp16"),
+                "validation": t.value,
+                "train": train_command(study_name, t.number, storage),
+            }
+        )
+    return rows

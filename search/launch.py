@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,16 +38,24 @@ def without(argv: list[str], flag: str) -> list[str]:
     return out
 
 
+def gpu_of(i: int, gpus: int, visible: str | None) -> str:
+    """Worker i's GPU, as the parent sees them: SLURM and Kubernetes hand a process
+    some of the machine's GPUs through CUDA_VISIBLE_DEVICES ("2,3"), so worker 0
+    must get "2", not the machine's GPU 0."""
+    ids = [g.strip() for g in visible.split(",")] if visible else [str(g) for g in range(gpus)]
+    return ids[i % len(ids)]
+
+
 def start(n: int, argv: list[str], url: str, log_dir: Path, gpus: int) -> list[subprocess.Popen]:
-    """Start `n` workers of this command; logs in log_dir/worker-<i>.log."""
+    """Start `n` workers of this command; logs in log_dir/worker-<host>-<i>.log."""
     log_dir.mkdir(parents=True, exist_ok=True)
     child = [*without(without(argv, "--workers"), "--storage"), "--worker", "--no-progress"]
     procs = []
     for i in range(n):
         env = dict(os.environ, **{STORAGE_ENV: url, PARENT_ENV: str(os.getpid())})
         if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        with (log_dir / f"worker-{i}.log").open("a") as log:
+            env["CUDA_VISIBLE_DEVICES"] = gpu_of(i, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        with (log_dir / f"worker-{socket.gethostname()}-{i}.log").open("a") as log:
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "search.run", *child],

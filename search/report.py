@@ -21,9 +21,10 @@ import optuna
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
+from models.complexity import count_bytes
 from search.cli import Parser, add_study_args, load_existing
-from search.front import pareto_front
-from search.records import counts, outcome, ranked, write_atomic
+from search.front import front_rows, pareto_front
+from search.records import counts, outcome, ranked, trial_arch, write_atomic
 from search.study import StudyError
 
 
@@ -98,7 +99,8 @@ def state_counts(trials: list[FrozenTrial]) -> go.Figure:
 def top_table(trials: list[FrozenTrial], n: int = 10) -> str:
     done = ranked(trials)[:n]
     head = (
-        "<tr><th>trial</th><th>val acc</th><th>params</th><th>MACs</th><th>stages "
+        "<tr><th>trial</th><th>val acc</th><th>params</th><th>MACs</th><th>fp32 bytes</th>"
+        "<th>stages "
         "(blocks x channels, kernel/skip)</th><th>pool</th><th>act</th><th>dropout</th>"
         "<th>optimizer</th><th>batch</th></tr>"
     )
@@ -115,6 +117,7 @@ def top_table(trials: list[FrozenTrial], n: int = 10) -> str:
             f"{t.value:.4f}",
             f"{t.user_attrs['params']:,}",
             f"{t.user_attrs['macs']:,}",
+            f"{count_bytes(trial_arch(t)):,}",
             stages,
             arch["pool"],
             arch["activation"],
@@ -124,6 +127,31 @@ def top_table(trials: list[FrozenTrial], n: int = 10) -> str:
         ]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def front_table(trials: list[FrozenTrial], study_name: str) -> str:
+    """The front as a table: each row's sizes and the command that final-trains it."""
+    rows = front_rows(pareto_front(trials), study_name)
+    head = (
+        "<tr><th>trial</th><th>params</th><th>MACs</th><th>fp32 bytes</th><th>fp16 bytes</th>"
+        "<th>val acc</th><th>final training</th></tr>"
+    )
+    cells = [
+        [
+            r["trial"],
+            f"{r['params']:,}",
+            f"{r['macs']:,}",
+            f"{r['bytes_fp32']:,}",
+            f"{r['bytes_fp16']:,}",
+            f"{r['validation']:.4f}",
+            r["train"],
+        ]
+        for r in rows
+    ]
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in cells
+    )
+    return f"<table>{head}{body}</table>"
 
 
 def final_figures(result: dict[str, Any]) -> list[go.Figure]:
@@ -220,6 +248,10 @@ th{{background:#f3f3f3}}</style></head><body>
 rejected by the limits (never built), {c["failed"]} failed. {best_line}.</p>
 <p><code>{html.escape(attrs.get("command", ""))}</code></p>
 {"".join(f'<div class="plot">{p}</div>' for p in parts[: -2 if result else None])}
+<h2>Accuracy/size front</h2>
+<p>No other completed trial is smaller and at least as accurate. Every smaller budget's
+answer is on it: <code>python -m search.export --budget 1M</code>.</p>
+{front_table(trials, study.study_name)}
 <h2>Top architectures</h2>{top_table(trials)}
 {"".join(f'<div class="plot">{p}</div>' for p in (parts[-2:] if result else []))}
 </body></html>

@@ -102,9 +102,11 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> tuple[optuna.Study, Se
         max_macs=args.max_macs,
     )
     data = search_split(
-        load_dataset(args.dataset, args.data_dir), args.seed, profile.train_images,
+        load_dataset(args.dataset, args.data_dir),
+        args.seed,
+        profile.train_images,
         profile.val_images,
-    )  # fmt: skip
+    )
     limits = Limits(args.budget, profile.max_macs, args.max_bytes, args.weight_dtype)
     floor = space.smallest(data.shape)
     if not limits.fits(floor):
@@ -205,16 +207,24 @@ def search_here(
         progress = Progress(args.trials, enabled=not args.no_progress)
         progress.show(study)
         why = run_worker(
-            study, search, slots, stop, url=args.storage, timeout=args.timeout,
+            study,
+            search,
+            slots,
+            stop,
+            url=args.storage,
+            timeout=args.timeout,
             on_tell=progress.show,
-        )  # fmt: skip
+        )
         progress.bar.close()
         return why
     gpus = torch.cuda.device_count() if search.device.type == "cuda" else 0
     log_dir = Path("studies") / args.study_name
     procs = launch.start(args.workers, argv, args.storage, log_dir, gpus)
-    print(f"{args.workers} workers on {f'{gpus} GPUs' if gpus else 'the CPU'}; logs in "
-          f"{log_dir}/worker-*.log", flush=True)  # fmt: skip
+    print(
+        f"{args.workers} workers on {f'{gpus} GPUs' if gpus else 'the CPU'}; logs in "
+        f"{log_dir}/worker-*.log",
+        flush=True,
+    )
     progress = Progress(args.trials, enabled=not args.no_progress)
     codes = launch.follow(procs, stop, lambda: progress.show(study, every_s=2.0))
     progress.bar.close()
@@ -236,8 +246,9 @@ def finish(args: argparse.Namespace, study: optuna.Study, why: str, seconds: flo
         f"dashboard: optuna-dashboard {safe_url(args.storage)} --artifact-dir {args.artifact_dir}"
     )
     if why == "gave up":
-        print("stopped: the last candidates were all over the limits; raise --budget",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "stopped: the last candidates were all over the limits; raise --budget", file=sys.stderr
+        )
     if why in ("interrupted", "timeout"):
         print(f"to resume: {study.user_attrs.get('command', 'the same command')}")
 
@@ -270,8 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.worker:
             finish(args, study, why, time.perf_counter() - start)
     except KeyboardInterrupt:
-        print("interrupted again: stopped at once; run the same command to resume",
-              file=sys.stderr)  # fmt: skip
+        print("interrupted again: stopped at once; run the same command to resume", file=sys.stderr)
         return 130
     if why == "interrupted":
         print(f"stopped by {stop.name}", file=sys.stderr)

@@ -241,7 +241,7 @@ def record_or_check(study: optuna.Study, settings: dict[str, Any], url: str | No
 
 
 def join(study: optuna.Study, url: str | None, seed: int) -> tuple[int, int]:
-    """Give this process the study's next worker number and its own sampler seed.
+    """This process's worker number in the study, and its own sampler seed.
 
     Workers with one seed would propose the same candidates; the seed is
     derived from the study seed and the worker number, so it is reproducible.
@@ -249,9 +249,7 @@ def join(study: optuna.Study, url: str | None, seed: int) -> tuple[int, int]:
     with study_lock(url, study.study_name):
         number = int(study.user_attrs.get("workers", 0))
         study.set_user_attr("workers", number + 1)
-    sampler_seed = derived_seed(seed, "worker", number)
-    study.sampler = make_sampler(sampler_seed)
-    return number, sampler_seed
+    return number, derived_seed(seed, "worker", number)
 
 
 # --- heartbeats and dead workers --------------------------------------------------------

@@ -1,10 +1,18 @@
 """python -m search.train: train one architecture on the whole training set, report test
-accuracy; with --seeds N, N runs and their mean and standard deviation."""
+accuracy; with --seeds N, N runs and their mean and standard deviation.
+
+The architecture is a JSON file (bare or an export), a preset name, a study's
+trial (`--study-name NAME --trial N`), or the best of a study's top K
+(`--top K`): each of those is re-trained with every seed on the search's
+training split and ranked by mean validation accuracy; only the chosen one is
+then trained on the whole training set and measured on the test split.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,10 +23,11 @@ from tqdm import tqdm
 
 from models import ArchSpec, count_params, load_arch
 from models.presets import PRESETS, preset
-from search.cli import Parser
-from search.data import DataError, load_dataset
-from search.final import check_input, run_once, save_checkpoint, summarize
-from search.records import write_json
+from search.cli import Parser, load_existing
+from search.data import DataError, load_dataset, search_split
+from search.final import check_input, rank_by_validation, run_once, save_checkpoint, summarize
+from search.records import ranked, trial_arch, trial_training, write_json
+from search.study import StudyError
 from search.trainer import (
     OPTIMIZERS,
     SCHEDULES,
@@ -42,7 +51,11 @@ OVERRIDES = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = Parser(prog="python -m search.train", description=__doc__.split("\n")[0])
-    ap.add_argument("arch", help="architecture JSON (bare or an export), or a preset name")
+    ap.add_argument("arch", nargs="?", help="architecture JSON (bare or an export), or a preset")
+    ap.add_argument("--study-name", help="take the architecture from this study")
+    ap.add_argument("--storage", default=os.environ.get("NAS_STORAGE"), help="the study's URL")
+    ap.add_argument("--trial", type=int, help="with --study-name: this trial")
+    ap.add_argument("--top", type=int, help="with --study-name: choose among the best K")
     ap.add_argument("--dataset", help="default: the export's dataset, else cifar10")
     ap.add_argument("--data-dir", help="where datasets live (default $NAS_DATA_DIR or ./data)")
     ap.add_argument("--epochs", type=int, default=30, help="default 30")
@@ -57,10 +70,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--optimizer", choices=OPTIMIZERS)
     ap.add_argument("--schedule", choices=SCHEDULES)
     args = ap.parse_args(argv)
-    for name in ("epochs", "seeds"):
-        if getattr(args, name) < 1:
+    for name in ("epochs", "seeds", "top"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    from_study = args.trial is not None or args.top is not None
+    if (args.arch is None) == (args.study_name is None) or (args.study_name and not from_study):
+        ap.error("give an architecture, or --study-name with --trial N or --top K")
+    if args.trial is not None and args.top is not None:
+        ap.error("--trial and --top do not go together")
     return args
+
+
+def with_flags(settings: dict[str, Any], args: argparse.Namespace) -> TrainConfig:
+    """Saved training settings, without their length, overridden by the flags."""
+    settings = dict(settings)
+    settings.pop("images", None)
+    for key in [*(k.replace("-", "_") for k in OVERRIDES), "optimizer", "schedule", "seed"]:
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    return TrainConfig.from_dict(settings)
+
+
+def from_study(args: argparse.Namespace) -> tuple[dict[str, tuple[ArchSpec, TrainConfig]], dict]:
+    """The trial (or the top K trials) of a study: {name: (architecture, settings)}, and
+    the study's settings."""
+    study = load_existing(args)
+    trials = study.get_trials(deepcopy=False)
+    if args.trial is not None:
+        if not 0 <= args.trial < len(trials) or "training" not in trials[args.trial].user_attrs:
+            raise StudyError(f"study {args.study_name!r} has no trained trial {args.trial}")
+        chosen = [trials[args.trial]]
+    else:
+        chosen = ranked(trials)[: args.top]
+        if not chosen:
+            raise StudyError(f"study {args.study_name!r} has no completed trial yet")
+    cands = {
+        f"trial {t.number}": (trial_arch(t), with_flags(trial_training(t).to_dict(), args))
+        for t in chosen
+    }
+    return cands, study.user_attrs["settings"]
 
 
 def resolve(args: argparse.Namespace) -> tuple[ArchSpec | str, TrainConfig, str]:
@@ -74,12 +122,8 @@ def resolve(args: argparse.Namespace) -> tuple[ArchSpec | str, TrainConfig, str]
         arch = load_arch(args.arch)
         data = json.loads(Path(args.arch).read_text())
         saved = data if isinstance(data, dict) and "architecture" in data else {}
-    settings = dict(saved.get("training", {}))
-    settings.pop("images", None)
-    for key in [*(k.replace("-", "_") for k in OVERRIDES), "optimizer", "schedule", "seed"]:
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    return arch, TrainConfig.from_dict(settings), args.dataset or saved.get("dataset") or "cifar10"
+    cfg = with_flags(saved.get("training", {}), args)
+    return arch, cfg, args.dataset or saved.get("dataset") or "cifar10"
 
 
 class Bar:
@@ -114,21 +158,71 @@ class Bar:
         )
 
 
+def choose(cands, args, data, settings, device) -> tuple[str, list[dict[str, Any]] | None]:
+    """The candidate to train: the only one, or the best mean validation accuracy of
+    the top K on the search's training split (the test split is not looked at)."""
+    if len(cands) == 1:
+        return next(iter(cands)), None
+    split = search_split(data, settings["seed"])
+    seeds = [(args.seed or 0) + i for i in range(args.seeds)]
+    print(
+        f"choosing among {', '.join(cands)}: {args.epochs} epochs on {len(split.train_y):,} "
+        f"training images, validated on {len(split.val_y):,}, seeds {seeds}",
+        flush=True,
+    )
+    rows = rank_by_validation(
+        cands,
+        args.epochs,
+        split,
+        seeds,
+        device,
+        on_run=lambda n, seed, acc: print(f"{n} seed {seed}: validation {acc:.4f}", flush=True),
+    )
+    for i, r in enumerate(rows, 1):
+        each = ", ".join(f"{a:.4f}" for a in r["validation"])
+        print(f"{i}. {r['name']}: validation {r['val_mean']:.4f} +- {r['val_sd']:.4f} ({each})")
+    return rows[0]["name"], rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    settings: dict[str, Any] = {}
     try:
-        arch, cfg, dataset = resolve(args)
         device = resolve_device(args.device)
-        data = load_dataset(dataset, args.data_dir)
-        spec = arch if isinstance(arch, ArchSpec) else preset(arch, data.channels, data.size,
-                                                                data.num_classes)  # fmt: skip
-        check_input(spec, data)
-    except (ValueError, DataError) as e:
+        if args.study_name:
+            cands, settings = from_study(args)
+            dataset = args.dataset or settings["dataset"]
+            data = load_dataset(dataset, args.data_dir)
+        else:
+            arch, cfg, dataset = resolve(args)
+            data = load_dataset(dataset, args.data_dir)
+            spec = (
+                arch
+                if isinstance(arch, ArchSpec)
+                else preset(arch, data.channels, data.size, data.num_classes)
+            )
+            name = args.arch if isinstance(arch, str) else Path(args.arch).stem
+            cands = {name: (spec, cfg)}
+        for spec, _ in cands.values():
+            check_input(spec, data)
+    except (ValueError, DataError, StudyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    name = args.arch if isinstance(arch, str) else Path(args.arch).stem
+    try:
+        name, selection = choose(cands, args, data, settings, device)
+    except KeyboardInterrupt:
+        print("\ninterrupted while choosing: nothing written", file=sys.stderr)
+        return 130
+    spec, cfg = cands[name]
+    if args.study_name and args.seed is None:
+        cfg = TrainConfig.from_dict(cfg.to_dict() | {"seed": 0})
+    label = (
+        name.replace(" ", "-")
+        if not args.study_name
+        else f"{args.study_name}-{name.replace(' ', '')}"
+    )
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out or f"runs/{name}-{dataset.replace(':', '_').replace('/', '_')}-{stamp}")
+    out = Path(args.out or f"runs/{label}-{dataset.replace(':', '_').replace('/', '_')}-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
     seeds = [cfg.seed + i for i in range(args.seeds)]
     print(
@@ -142,9 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             bar.seed = seed
             run, model = run_once(
-                spec, TrainConfig.from_dict(cfg.to_dict() | {"seed": seed}), args.epochs, data,
-                device, on_eval=bar.epoch, on_step=bar.step,
-            )  # fmt: skip
+                spec,
+                TrainConfig.from_dict(cfg.to_dict() | {"seed": seed}),
+                args.epochs,
+                data,
+                device,
+                on_eval=bar.epoch,
+                on_step=bar.step,
+            )
             run["checkpoint"] = str(out / f"model-seed{seed}.pt")
             save_checkpoint(Path(run["checkpoint"]), model, spec, data, run)
             runs.append(run)
@@ -156,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: {len(runs)} finished run(s) kept in {out}", file=sys.stderr)
         return 130
     result = summarize(spec, cfg, args.epochs, data, device, runs)
+    if selection is not None:
+        result["selection"] = selection
+        result["chosen"] = name
     write_json(out / "result.json", result)
     each = ", ".join(f"{100 * r['test_accuracy']:.2f}" for r in runs)
     print(

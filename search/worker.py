@@ -28,7 +28,16 @@ from search.limits import Limits, over
 from search.profile import Profile
 from search.records import attach, trial_arch, trial_training
 from search.signals import Stop
-from search.study import MAX_RETRY, Retry, Slots, derived_seed, heartbeat, join, this_process
+from search.study import (
+    MAX_RETRY,
+    Retry,
+    Slots,
+    derived_seed,
+    heartbeat,
+    join,
+    make_sampler,
+    this_process,
+)
 from search.trainer import (
     EvalStats,
     OutOfMemory,
@@ -67,10 +76,15 @@ def run_worker(
     url: str | None,
     timeout: float | None = None,
     on_tell: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    sampler: Callable[[int], optuna.samplers.BaseSampler] = make_sampler,
 ) -> str:
     """Run trials until the study has its count; why it ended: done, timeout,
-    interrupted or gave up (too many candidates in a row over the limits)."""
+    interrupted or gave up (too many candidates in a row over the limits).
+
+    The sampler is made from this worker's own seed (`sampler(seed)`).
+    """
     number, sampler_seed = join(study, url, search.seed)
+    study.sampler = sampler(sampler_seed)
     who = {
         "worker": f"{socket.gethostname()}:{os.getpid()}",
         "sampler_seed": sampler_seed,
@@ -192,6 +206,7 @@ def train_trial(
         val_curve=curve,
         val_loss=last.val_loss,
         train_seconds=round(result.train_seconds, 3),
+        seconds=round(result.total_seconds, 3),
         images_per_s=round(result.images_per_s, 1),
     )
     if search.artifacts is not None:

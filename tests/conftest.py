@@ -1,7 +1,9 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -29,3 +31,24 @@ FAST_SEARCH = [
 @pytest.fixture
 def examples_dir() -> Path:
     return ROOT / "examples"
+
+
+PG_URL = os.environ.get("NAS_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def postgres_reachable() -> bool:
+    try:
+        with sqlalchemy.create_engine(PG_URL).connect():
+            return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def pg_url():
+    """The real PostgreSQL: skipped where there is none, but never in CI."""
+    if not postgres_reachable():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs the PostgreSQL at {PG_URL}")
+        pytest.skip(f"no PostgreSQL at {PG_URL}")
+    return PG_URL

@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from torch import nn
 
 from models import ArchSpec, build_model, count_macs, count_params, load_arch
+from models.complexity import count_bytes
 from models.presets import PRESETS
 
 from strategies import arch_specs
@@ -78,3 +79,32 @@ def test_builder_is_cpu_and_in_train_mode() -> None:
     model = build_model(PRESETS["resnet-tiny"])
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert model.training
+
+
+def payload(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch_specs())
+def test_bytes_equal_the_state_dict_payload(spec: ArchSpec) -> None:
+    with torch.device("meta"):
+        model = build_model(spec)
+    assert count_bytes(spec, "fp32") == payload(model)
+    assert count_bytes(spec, "fp16") == payload(model.half())
+    assert count_bytes(spec, "bf16") == payload(model.bfloat16())
+    int8 = sum(
+        t.numel() if t.is_floating_point() else 8 * t.numel() for t in model.state_dict().values()
+    )
+    assert count_bytes(spec, "int8") == int8
+
+
+def test_bytes_match_a_saved_file(tmp_path) -> None:
+    """The payload is what a saved state dict holds, less the file format's few kB."""
+    spec = PRESETS["resnet-tiny"]
+    model = build_model(spec)
+    for dtype, convert in (("fp32", model.float), ("fp16", model.half)):
+        path = tmp_path / f"{dtype}.pt"
+        torch.save(convert().state_dict(), path)
+        overhead = path.stat().st_size - count_bytes(spec, dtype)
+        assert 0 < overhead < 40_000, (dtype, overhead)

@@ -26,9 +26,8 @@ from optuna.trial import TrialState
 from search.records import counts
 from search.study import SLOT, is_trained
 
-from conftest import ROOT
+from conftest import PG_URL, ROOT
 
-PG_URL = os.environ.get("NAS_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 # Trials of a fraction of a second: 64 synthetic images, two steps, small networks.
 TINY = [
     "--dataset",
@@ -47,23 +46,6 @@ TINY = [
 ]
 # Trials of a few seconds, so that a signal lands in the middle of one.
 SLOW = [*TINY, "--train-images", "512", "--trial-images", "6000"]
-
-
-def postgres_reachable() -> bool:
-    try:
-        with sqlalchemy.create_engine(PG_URL).connect():
-            return True
-    except Exception:
-        return False
-
-
-@pytest.fixture
-def pg_url():
-    if not postgres_reachable():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI needs the PostgreSQL at {PG_URL}")
-        pytest.skip(f"no PostgreSQL at {PG_URL}")
-    return PG_URL
 
 
 @pytest.fixture

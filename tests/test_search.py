@@ -13,8 +13,10 @@ import torch
 from optuna.trial import TrialState
 
 from models import build_model, count_params, load_arch
+from models.complexity import count_bytes
 from models.presets import PRESETS, preset
 from search import cli, export, replay, run, space
+from search import train as train_cli
 from search.data import search_split, synthetic
 from search.limits import Limits
 from search.profile import Profile
@@ -302,3 +304,32 @@ def test_out_of_memory_is_a_constraint_and_the_study_goes_on() -> None:
     assert r["rejected"].startswith("out of memory on cpu at batch size 1024")
     assert r["constraints"]["memory"] == 1.0
     assert r["growth_after_oom"] < 1_000_000  # nothing of the failed run is held on to
+
+
+def test_max_bytes_gates_like_the_budget(in_tmp, capsys) -> None:
+    url = storage(in_tmp)
+    args = [*FAST, "--trials", "4", "--study-name", "b", "--storage", url]
+    assert run.main([*args, "--max-bytes", "40kB", "--weight-dtype", "fp16"]) == 0
+    out = capsys.readouterr().out
+    study = open_study(url, "b", create=False)
+    trained = [t for t in study.trials if is_trained(t)]
+    assert len(trained) == 4
+    assert all(count_bytes(trial_arch(t), "fp16") <= 40_000 for t in trained)
+    over = [t for t in study.trials if t.constraints.get("bytes", 0) > 0]
+    assert over and all("rejected" in t.user_attrs and "optimizer" not in t.params for t in over)
+    assert f"{len(over)} over bytes" in out
+
+
+def test_train_the_top_k_of_a_study_chooses_on_validation(in_tmp, capsys) -> None:
+    url = storage(in_tmp)
+    assert run.main([*FAST, "--trials", "4", "--study-name", "k", "--storage", url]) == 0
+    capsys.readouterr()
+    argv = ["--study-name", "k", "--storage", url, "--top", "2", "--seeds", "2", "--epochs", "1"]
+    assert train_cli.main([*argv, "--no-progress", "-o", str(in_tmp / "top")]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((in_tmp / "top" / "result.json").read_text())
+    ranking = result["selection"]
+    assert len(ranking) == 2 and ranking[0]["val_mean"] >= ranking[1]["val_mean"]
+    assert result["chosen"] == ranking[0]["name"] and len(ranking[0]["validation"]) == 2
+    assert result["seeds"] == [0, 1] and len(result["runs"]) == 2  # test split: chosen only
+    assert "1. trial" in out and "test accuracy" in out

@@ -74,8 +74,14 @@ def test_length_is_images_seen_whatever_the_split_size() -> None:
     """A tiny split is passed over many times; a large one partly: the same steps."""
     for n in (256, 2048):
         d = synthetic(n_train=n, n_test=64)
-        res = train(TINY, TrainConfig(images=1024, batch_size=64), d.train_x, d.train_y,
-                    mean=d.mean, std=d.std)  # fmt: skip
+        res = train(
+            TINY,
+            TrainConfig(images=1024, batch_size=64),
+            d.train_x,
+            d.train_y,
+            mean=d.mean,
+            std=d.std,
+        )
         assert res.history[-1].step == 16
     assert rung_steps(16, (1 / 3, 2 / 3, 1.0)) == [5, 11, 16]
     with pytest.raises(ValueError, match="increasing fractions"):
@@ -99,15 +105,23 @@ def test_a_stop_request_ends_training_between_steps() -> None:
             stop.set()
 
     with pytest.raises(Stopped, match="step 3 of 16"):
-        train(TINY, TrainConfig(images=1024, batch_size=64), d.train_x, d.train_y,
-              mean=d.mean, std=d.std, on_step=on_step, stop=stop)  # fmt: skip
+        train(
+            TINY,
+            TrainConfig(images=1024, batch_size=64),
+            d.train_x,
+            d.train_y,
+            mean=d.mean,
+            std=d.std,
+            on_step=on_step,
+            stop=stop,
+        )
     assert steps == [1, 2, 3]
 
 
 def test_recipe_parts_change_training() -> None:
     """Each recipe part is wired in: with the same seed, switching it changes the result."""
     d = synthetic(n_train=512, n_test=128)
-    base = TrainConfig(images=1024, batch_size=64)
+    base = TrainConfig(images=2560, batch_size=64)  # 40 steps: the EMA spans 2 of them
     kwargs = {"mean": d.mean, "std": d.std}
 
     def val_loss(cfg: TrainConfig) -> float:
@@ -119,7 +133,7 @@ def test_recipe_parts_change_training() -> None:
 
     ref = val_loss(base)
     assert val_loss(base) == ref  # deterministic on the CPU
-    for part in [{"ema": 0.2}, {"tta": True}, {"zero_init": True}, {"bn_lr": 3.0}]:
+    for part in [{"ema": 0.0}, {"ema": 0.2}, {"tta": True}, {"zero_init": True}, {"bn_lr": 1.0}]:
         assert val_loss(TrainConfig(**base.to_dict() | part)) != ref, part
 
 
@@ -132,7 +146,7 @@ def test_augmentation_settings_are_used() -> None:
     assert a != b  # same seed and data: only the augmentation differs
 
 
-@pytest.mark.parametrize("recipe", [{}, {"ema": 0.3, "tta": True}])
+@pytest.mark.parametrize("recipe", [{}, {"ema": 0.0, "tta": True}])
 def test_checkpoint_reproduces_the_recorded_test_accuracy(tmp_path, recipe) -> None:
     d = synthetic(n_train=512, n_test=256)
     cfg = TrainConfig(batch_size=128, **recipe)
