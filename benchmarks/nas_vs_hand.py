@@ -31,7 +31,8 @@ from search.limits import Limits
 from search.profile import QUICK
 from search.records import best_trial, trial_arch, trial_training
 from search.signals import Stop
-from search.study import Slots, make_pruner, open_study
+from search.slots import Slots
+from search.study import make_pruner, open_study
 from search.trainer import TrainConfig
 from search.worker import Search, run_worker
 

@@ -40,7 +40,8 @@ def worker(url: str, name: str, trials: int, index: int, out: mp.Queue) -> None:
     from search.limits import Limits
     from search.profile import Profile
     from search.signals import Stop
-    from search.study import Slots, make_pruner, make_storage
+    from search.slots import Slots
+    from search.study import make_pruner, make_storage
     from search.worker import Search, run_worker
 
     torch.set_num_threads(1)

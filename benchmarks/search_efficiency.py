@@ -36,7 +36,8 @@ from search.limits import Limits
 from search.profile import QUICK
 from search.records import counts, outcome
 from search.signals import Stop
-from search.study import Slots, make_pruner, make_sampler
+from search.slots import Slots
+from search.study import make_pruner, make_sampler
 from search.worker import Search, run_worker
 
 METHODS = ("random", "tpe+median", "tpe+percentile", "tpe+halving", "tpe+hyperband")

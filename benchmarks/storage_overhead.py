@@ -28,7 +28,8 @@ from search.limits import Limits
 from search.profile import Profile
 from search.records import counts
 from search.signals import Stop
-from search.study import Slots, make_pruner, make_storage
+from search.slots import Slots
+from search.study import make_pruner, make_storage
 from search.worker import Search, run_worker
 
 

@@ -6,21 +6,25 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import warnings
+import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
 import optuna
+from tqdm import tqdm
 
+from search.records import counts, ranked
 from search.study import StudyError, default_storage, open_study
-
-# Heartbeat, group and the retry callback are marked experimental in Optuna;
-# they are deliberate choices here, so the warnings are noise for a user.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (no usage dump), exit code 2."""
+    """argparse, but a bad flag is one line on stderr (no usage dump), exit code 2, and
+    no abbreviated flags (`--stor URL` must not slip past the code that keeps the
+    storage URL off the workers' command lines)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -71,11 +75,14 @@ def human(n: float) -> str:
     return f"{n:g}"
 
 
+STORAGE_ENV = "NAS_STORAGE"  # where every command finds the storage URL by default
+
+
 def add_study_args(ap: argparse.ArgumentParser) -> None:
     """--storage and --study-name, as every CLI that reads an existing study takes them."""
     ap.add_argument(
         "--storage",
-        default=os.environ.get("NAS_STORAGE"),
+        default=os.environ.get(STORAGE_ENV),
         help="SQLAlchemy URL (default $NAS_STORAGE, else sqlite:///studies/NAME.db)",
     )
     ap.add_argument("--study-name", required=True)
@@ -87,3 +94,30 @@ def load_existing(args: argparse.Namespace) -> optuna.Study:
     if storage.startswith("sqlite:///") and not Path(storage[10:]).exists():
         raise StudyError(f"no study database at {storage[10:]}; pass --storage")
     return open_study(storage, args.study_name, create=False, heartbeat=None)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class Progress:
+    """A bar of trained candidates with the counts and the best so far."""
+
+    def __init__(self, target: int, enabled: bool) -> None:
+        self.bar = tqdm(total=target, unit="trial", disable=not enabled, file=sys.stderr)
+        self.target, self.last = target, 0.0
+
+    def show(self, study: optuna.Study, *_: object, every_s: float = 0.0) -> None:
+        if time.monotonic() - self.last < every_s:
+            return
+        self.last = time.monotonic()
+        trials = study.get_trials(deepcopy=False)
+        c, best = counts(trials), next(iter(ranked(trials)), None)
+        self.bar.n = min(c["trained"], self.target)
+        self.bar.set_postfix_str(
+            f"complete {c['complete']} pruned {c['pruned']} rejected {c['rejected']} "
+            f"failed {c['failed']}" + (f" best {best.value:.4f}" if best else ""),
+            refresh=True,
+        )

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from models.complexity import count_bytes
 from search.records import ranked, trial_arch
@@ -77,9 +79,19 @@ def best_within(trials: list[FrozenTrial], within: Within) -> FrozenTrial:
 
 
 def train_command(study_name: str, trial: int, storage: str | None = None) -> str:
-    """The command that final-trains a trial of a study (its settings, whole training set)."""
-    where = f" --storage {storage}" if storage else ""
+    """The command that final-trains a trial of a study (its settings, whole training set).
+
+    A storage URL with a password is left out (the command is printed and saved):
+    the command then reads it from $NAS_STORAGE, as the search did."""
+    where = f" --storage {storage}" if storage and not _has_password(storage) else ""
     return f"python -m search.train --study-name {study_name}{where} --trial {trial}"
+
+
+def _has_password(url: str) -> bool:
+    try:
+        return make_url(url).password is not None
+    except ArgumentError:
+        return True  # unreadable: do not print it
 
 
 def front_rows(

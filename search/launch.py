@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from search.cli import STORAGE_ENV
 from search.signals import Stop
 
 PARENT_ENV = "NAS_PARENT_PID"
-STORAGE_ENV = "NAS_STORAGE"
 KILL_AFTER_S = 60  # a worker that has not stopped this long after the signal is killed
 
 
@@ -50,6 +50,8 @@ def start(n: int, argv: list[str], url: str, log_dir: Path, gpus: int) -> list[s
     """Start `n` workers of this command; logs in log_dir/worker-<host>-<i>.log."""
     log_dir.mkdir(parents=True, exist_ok=True)
     child = [*without(without(argv, "--workers"), "--storage"), "--worker", "--no-progress"]
+    if gpus:  # each worker sees one GPU, whatever --device cuda:N the parent was given
+        child = [*without(child, "--device"), "--device", "cuda"]
     procs = []
     for i in range(n):
         env = dict(os.environ, **{STORAGE_ENV: url, PARENT_ENV: str(os.getpid())})

@@ -4,6 +4,7 @@ settings, and the export record (best.json) that rebuilds the exact model."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -15,11 +16,20 @@ from optuna.trial import FrozenTrial, TrialState
 from models import ArchSpec
 from models.complexity import count_bytes
 from search.env import versions
-from search.study import is_trained
+from search.slots import is_trained
 from search.trainer import TrainConfig
 
 EXPORT_FORMAT = "budget-nas-export/1"
-OUTCOMES = ("complete", "pruned", "rejected", "failed", "interrupted", "running", "waiting")
+OUTCOMES = (
+    "complete",
+    "pruned",
+    "rejected",
+    "failed",
+    "interrupted",
+    "unused",  # ready to train when another worker took the study's last slot
+    "running",
+    "waiting",
+)
 
 
 def over_limits(t: FrozenTrial) -> list[str]:
@@ -33,7 +43,10 @@ def outcome(t: FrozenTrial) -> str:
     if t.state == TrialState.PRUNED:
         return "pruned" if is_trained(t) else "rejected"
     if t.state == TrialState.FAIL:
-        return "interrupted" if "interrupted" in t.user_attrs else "failed"
+        for why in ("interrupted", "unused"):
+            if why in t.user_attrs:
+                return why
+        return "failed"
     return "running" if t.state == TrialState.RUNNING else "waiting"
 
 
@@ -119,9 +132,11 @@ def export_trial(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
 def write_atomic(path: Path, text: str) -> None:
     """Write then rename, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    tmp.replace(path)
+    # A name of its own: workers on several machines may write the same file at once.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    Path(tmp).replace(path)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -166,6 +181,11 @@ def summary_table(trials: list[FrozenTrial], rejected_by: dict[str, int], top: i
         f"trials: {c['trained']} trained ({c['complete']} complete, {c['pruned']} pruned), "
         f"{c['rejected']} rejected before training ({why}), {c['failed']} failed, "
         f"{c['interrupted']} interrupted"
+        + (
+            f", {c['unused']} sampled but unused (the last slot went to another worker)"
+            if c["unused"]
+            else ""
+        )
     ]
     best = ranked(trials)[:top]
     if best:

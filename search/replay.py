@@ -21,7 +21,7 @@ from search.data import DataError, load_dataset, search_split
 from search.limits import Limits
 from search.profile import Profile
 from search.study import StudyError
-from search.trainer import resolve_device
+from search.trainer import OutOfMemory, TrainingDiverged, resolve_device
 from search.worker import Search, replay
 
 
@@ -64,7 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{trial.user_attrs['params']:,} params) on {trial.user_attrs.get('device')} ...",
         flush=True,
     )
-    stored, again = replay(trial, search)
+    try:
+        stored, again = replay(trial, search)
+    except (TrainingDiverged, OutOfMemory) as e:
+        print(f"error: the replay did not finish: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print(f"stored validation accuracy {stored!r}, recomputed {again!r}")
     if stored == again:
         print("equal: the trial replays exactly")

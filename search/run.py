@@ -16,23 +16,31 @@ from pathlib import Path
 
 import optuna
 import torch
-from tqdm import tqdm
 
 from models.complexity import DTYPE_BYTES
 from models.presets import PRESETS
 from search import launch, space
-from search.cli import Parser, human, parse_bytes, parse_count
+from search.cli import (
+    STORAGE_ENV,
+    Parser,
+    Progress,
+    duration,
+    human,
+    parse_bytes,
+    parse_count,
+)
 from search.data import DataError, load_dataset, search_split
 from search.env import device_name
+from search.estimate import estimate_trial_seconds
 from search.limits import Limits
 from search.profile import DEFAULT, QUICK
-from search.records import counts, ranked, rejections, summary_table, write_best
+from search.records import counts, rejections, summary_table, write_best
 from search.signals import Stop
+from search.slots import Slots
 from search.study import (
     GRACE_S,
     HEARTBEAT_S,
     PRUNERS,
-    Slots,
     StudyError,
     default_storage,
     make_pruner,
@@ -41,7 +49,7 @@ from search.study import (
     safe_url,
 )
 from search.trainer import resolve_device
-from search.worker import Search, estimate_trial_seconds, run_worker, warm_start
+from search.worker import Search, run_worker, warm_start
 
 GAVE_UP = 3  # exit code: the space kept proposing candidates over the limits
 
@@ -64,7 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--study-name", help="default: <dataset>-<budget>[-quick]; the same name resumes")
     add(
         "--storage",
-        default=os.environ.get(launch.STORAGE_ENV),
+        default=os.environ.get(STORAGE_ENV),
         help="SQLAlchemy URL (default $NAS_STORAGE, else sqlite:///studies/NAME.db)",
     )
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -108,13 +116,7 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> tuple[optuna.Study, Se
         profile.val_images,
     )
     limits = Limits(args.budget, profile.max_macs, args.max_bytes, args.weight_dtype)
-    floor = space.smallest(data.shape)
-    if not limits.fits(floor):
-        sizes = limits.measure(floor)
-        raise ValueError(
-            f"nothing in the search space fits: the smallest candidate has {sizes['params']:,} "
-            f"params, {sizes['macs']:,} MACs, {sizes['bytes']:,} bytes; raise the limits"
-        )
+    space.check_room(data.shape, limits)
     rung_images = [round(f * profile.images) for f in profile.rungs]
     study = open_study(
         args.storage,
@@ -122,29 +124,27 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> tuple[optuna.Study, Se
         pruner=make_pruner(args.pruner, rung_images),
         heartbeat=(args.heartbeat, args.grace),
     )
-    settings = {
-        "space_version": space.SPACE_VERSION,
-        "dataset": data.name,
-        "budget": limits.params,
-        "max_macs": limits.macs,
-        "max_bytes": limits.bytes,
-        "weight_dtype": limits.weight_dtype,
-        "profile": profile.to_dict(),
-        "train_images": len(data.train_y),
-        "val_images": len(data.val_y),
-        "seed": args.seed,
-        "pruner": args.pruner,
-    }
-    record_or_check(study, settings, args.storage)
+    # Only a process that trains holds the split on the device: a --workers parent does not.
+    trains = args.workers == 1 and not args.create_only
+    search = Search(
+        data.to(device) if trains else data, limits, profile, args.seed, device, args.artifact_dir
+    )
+    record_or_check(study, search.settings(args.pruner), args.storage)
     if "command" not in study.user_attrs:
         study.set_user_attr("command", command_line(argv))
-    return study, Search(data.to(device), limits, profile, args.seed, device, args.artifact_dir)
+    return study, search
 
 
 def command_line(argv: list[str]) -> str:
     """The command as typed, with any storage password masked (it is stored and shown)."""
-    out = [safe_url(a) if "://" in a else a for a in argv]
-    out = [f"--storage={safe_url(a[10:])}" if a.startswith("--storage=") else a for a in out]
+    out = [
+        f"--storage={safe_url(a[10:])}"
+        if a.startswith("--storage=")
+        else safe_url(a)
+        if "://" in a
+        else a
+        for a in argv
+    ]
     return shlex.join(["python", "-m", "search.run", *out])
 
 
@@ -160,7 +160,7 @@ def announce(args: argparse.Namespace, study: optuna.Study, search: Search) -> N
     )
     print(f"{search.limits.describe()}; trials on {device_name(search.device)}")
     print(search.profile.describe(len(d.train_y)), flush=True)
-    if search.device.type == "cpu":
+    if search.device.type == "cpu" and not args.create_only:
         typical, fast, slow = estimate_trial_seconds(search)
         print(
             f"a full trial takes about {typical:.0f} s on this CPU ({fast:.0f}-{slow:.0f} s); "
@@ -169,33 +169,6 @@ def announce(args: argparse.Namespace, study: optuna.Study, search: Search) -> N
         )
         if not args.quick:
             print("warning: no GPU; add --quick for a CPU demo profile", flush=True)
-
-
-def duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
-class Progress:
-    """A bar of trained candidates with the counts and the best so far."""
-
-    def __init__(self, target: int, enabled: bool) -> None:
-        self.bar = tqdm(total=target, unit="trial", disable=not enabled, file=sys.stderr)
-        self.target, self.last = target, 0.0
-
-    def show(self, study: optuna.Study, *_: object, every_s: float = 0.0) -> None:
-        if time.monotonic() - self.last < every_s:
-            return
-        self.last = time.monotonic()
-        trials = study.get_trials(deepcopy=False)
-        c, best = counts(trials), next(iter(ranked(trials)), None)
-        self.bar.n = min(c["trained"], self.target)
-        self.bar.set_postfix_str(
-            f"complete {c['complete']} pruned {c['pruned']} rejected {c['rejected']} "
-            f"failed {c['failed']}" + (f" best {best.value:.4f}" if best else ""),
-            refresh=True,
-        )
 
 
 def search_here(
@@ -228,9 +201,12 @@ def search_here(
     progress = Progress(args.trials, enabled=not args.no_progress)
     codes = launch.follow(procs, stop, lambda: progress.show(study, every_s=2.0))
     progress.bar.close()
-    if any(c not in (0, 130, 143) for c in codes):
-        print(f"warning: worker exit codes {codes}; see their logs", file=sys.stderr)
-    return "interrupted" if stop() else "gave up" if GAVE_UP in codes else "done"
+    if stop():
+        return "interrupted"
+    if any(c not in (0, 130, 143, GAVE_UP) for c in codes):
+        print(f"error: worker exit codes {codes}; see {log_dir}/worker-*.log", file=sys.stderr)
+        return "failed"
+    return "gave up" if GAVE_UP in codes else "done"
 
 
 def finish(args: argparse.Namespace, study: optuna.Study, why: str, seconds: float) -> None:
@@ -286,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if why == "interrupted":
         print(f"stopped by {stop.name}", file=sys.stderr)
         return stop.exit_code
-    return GAVE_UP if why == "gave up" else 0
+    return {"gave up": GAVE_UP, "failed": 1}.get(why, 0)
 
 
 if __name__ == "__main__":

@@ -216,6 +216,17 @@ def training_params(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
+def check_room(shape: Shape, limits: Limits) -> None:
+    """ValueError (what the smallest candidate costs) when nothing in the space fits."""
+    floor = smallest(shape)
+    if not limits.fits(floor):
+        sizes = limits.measure(floor)
+        raise ValueError(
+            f"nothing in the search space fits: the smallest candidate has {sizes['params']:,} "
+            f"params, {sizes['macs']:,} MACs, {sizes['bytes']:,} bytes; raise the limits"
+        )
+
+
 def smallest(shape: Shape) -> ArchSpec:
     """The point of the space with the fewest parameters and MACs."""
     params = {

@@ -13,11 +13,8 @@ from __future__ import annotations
 import copy
 import fcntl
 import hashlib
-import os
-import socket
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,14 @@ import optuna
 import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import get_heartbeat_thread
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
+
+# Heartbeat, group, fail_stale_trials and the retry callback are marked experimental in
+# Optuna; they are deliberate choices here, so the warnings are noise for a user. The
+# worker runs the storage's heartbeat around each trial itself (`heartbeat` below), as
+# Study.optimize does; Optuna's warning on ask() assumes nobody does.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 HEARTBEAT_S = 30
 GRACE_S = 120
@@ -60,6 +64,10 @@ class Retry(RetryHeartbeatStaleTrialCallback):
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         candidate = copy.deepcopy(trial)
         candidate.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in self.KEEP}
+        # The gate sets the constraints again when the copy runs.
+        candidate.system_attrs = {
+            k: v for k, v in trial.system_attrs.items() if not k.startswith("constraints")
+        }
         super().__call__(study, candidate)
 
 
@@ -252,12 +260,7 @@ def join(study: optuna.Study, url: str | None, seed: int) -> tuple[int, int]:
     return number, derived_seed(seed, "worker", number)
 
 
-# --- heartbeats and dead workers --------------------------------------------------------
-
-
-# The worker runs the storage's heartbeat around each trial itself (below), as
-# Study.optimize does; Optuna's warning on ask() assumes nobody does.
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+# --- heartbeats ------------------------------------------------------------------------
 
 
 @contextmanager
@@ -269,115 +272,3 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
         yield
     finally:
         thread.join()
-
-
-def _proc_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (/proc), or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return ""
-
-
-def this_process() -> dict[str, Any]:
-    """Who runs a trial, precisely enough to tell later, on the same host, that it is gone."""
-    try:
-        pidns = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        pidns = 0
-    return {
-        "host": socket.gethostname(),
-        "boot": _read("/proc/sys/kernel/random/boot_id"),
-        "pidns": pidns,
-        "pid": os.getpid(),
-        "start": _proc_start(os.getpid()),
-    }
-
-
-def is_gone(process: dict[str, Any], here: dict[str, Any]) -> bool:
-    """True only when certain: same host, boot and pid namespace, and that pid is not
-    the same process any more. Anything else is left to the heartbeat's grace period."""
-    same_machine = all(process.get(k) == here[k] for k in ("host", "boot", "pidns"))
-    if not same_machine or not here["boot"] or process.get("start") is None:
-        return False
-    return _proc_start(process["pid"]) != process["start"]
-
-
-def fail_dead_trials(study: optuna.Study, trials: list[FrozenTrial]) -> list[int]:
-    """Fail (and retry) RUNNING trials whose process is known to be gone; their numbers."""
-    here, done = this_process(), []
-    for t in trials:
-        if t.state != TrialState.RUNNING or not is_gone(t.user_attrs.get("process", {}), here):
-            continue
-        try:
-            frozen = study.tell(t.number, state=TrialState.FAIL)
-        except (ValueError, RuntimeError):
-            continue  # another worker finished it first
-        Retry(MAX_RETRY)(study, frozen)
-        done.append(t.number)
-    return done
-
-
-# --- one global trial count across workers ----------------------------------------------
-
-
-def is_trained(t: FrozenTrial) -> bool:
-    """Trained to the end or pruned by the pruner: what counts towards --trials."""
-    return t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "rejected" not in t.user_attrs
-
-
-def slot_holders(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """Trials that hold a slot: trained, training, or waiting to be retried."""
-    live = (TrialState.RUNNING, TrialState.WAITING)
-    return [t for t in trials if SLOT in t.user_attrs and (t.state in live or is_trained(t))]
-
-
-class Slots:
-    """The study's `cap` training slots, shared by every worker of it."""
-
-    def __init__(self, study: optuna.Study, cap: int, url: str | None) -> None:
-        self.study, self.cap, self.url = study, cap, url
-
-    def claim(self, trial: optuna.Trial) -> bool:
-        """Give `trial` a slot, atomically across workers; False if none is left.
-
-        A retried trial (a copy of one whose run ended early) keeps the slot it had.
-        """
-        if SLOT in trial.user_attrs:
-            return True
-        with study_lock(self.url, self.study.study_name):
-            held = len(slot_holders(self.study.get_trials(deepcopy=False)))
-            if held >= self.cap:
-                return False
-            trial.set_user_attr(SLOT, held)
-            return True
-
-    def wait(self, stopped: Callable[[], bool], poll_s: float = 2.0) -> bool:
-        """Block until this worker may start a trial (True) or the study is done (False).
-
-        While every slot is held by running trials, a worker waits instead of
-        sampling: if a holder's worker died, its trial is failed and retried
-        (at once when its process is known to be gone), and this worker picks
-        the retry up.
-        """
-        while not stopped():
-            optuna.storages.fail_stale_trials(self.study)
-            trials = self.study.get_trials(deepcopy=False)
-            if fail_dead_trials(self.study, trials):
-                continue
-            if sum(map(is_trained, trials)) >= self.cap:
-                return False
-            if any(t.state == TrialState.WAITING for t in trials):
-                return True
-            if len(slot_holders(trials)) < self.cap:
-                return True
-            time.sleep(poll_s)
-        return False

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from models import ArchSpec, count_params, load_arch
 from models.presets import PRESETS, preset
-from search.cli import Parser, load_existing
+from search.cli import STORAGE_ENV, Parser, load_existing
 from search.data import DataError, load_dataset, search_split
 from search.final import check_input, rank_by_validation, run_once, save_checkpoint, summarize
 from search.records import ranked, trial_arch, trial_training, write_json
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = Parser(prog="python -m search.train", description=__doc__.split("\n")[0])
     ap.add_argument("arch", nargs="?", help="architecture JSON (bare or an export), or a preset")
     ap.add_argument("--study-name", help="take the architecture from this study")
-    ap.add_argument("--storage", default=os.environ.get("NAS_STORAGE"), help="the study's URL")
+    ap.add_argument("--storage", default=os.environ.get(STORAGE_ENV), help="the study's URL")
     ap.add_argument("--trial", type=int, help="with --study-name: this trial")
     ap.add_argument("--top", type=int, help="with --study-name: choose among the best K")
     ap.add_argument("--dataset", help="default: the export's dataset, else cifar10")
@@ -108,6 +108,8 @@ def from_study(args: argparse.Namespace) -> tuple[dict[str, tuple[ArchSpec, Trai
         f"trial {t.number}": (trial_arch(t), with_flags(trial_training(t).to_dict(), args))
         for t in chosen
     }
+    if "settings" not in study.user_attrs:
+        raise StudyError(f"study {args.study_name!r} was not made by search.run (no settings)")
     return cands, study.user_attrs["settings"]
 
 
@@ -210,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         name, selection = choose(cands, args, data, settings, device)
+    except (TrainingDiverged, OutOfMemory) as e:
+        print(f"error: while choosing: {e}; lower --lr or --batch-size", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted while choosing: nothing written", file=sys.stderr)
         return 130

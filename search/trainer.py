@@ -140,6 +140,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -295,7 +297,18 @@ def train(
 class _Run:
     """One training run's state; `go()` is the loop."""
 
-    def __init__(self, spec, cfg, device, mean, std, train_x, train_y, val_x, val_y) -> None:
+    def __init__(
+        self,
+        spec: ArchSpec,
+        cfg: TrainConfig,
+        device: torch.device,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train_x: torch.Tensor,
+        train_y: torch.Tensor,
+        val_x: torch.Tensor | None,
+        val_y: torch.Tensor | None,
+    ) -> None:
         self.start = time.perf_counter()
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.seed)
@@ -346,7 +359,13 @@ class _Run:
         self.sched.step()
         return loss.detach(), (out.argmax(1) == yb).sum()
 
-    def go(self, rungs, on_eval, on_step, stop) -> TrainResult:
+    def go(
+        self,
+        rungs: Sequence[float],
+        on_eval: Callable[[EvalStats], None] | None,
+        on_step: Callable[[int, int, torch.Tensor], None] | None,
+        stop: threading.Event | None,
+    ) -> TrainResult:
         self.model.train()
         result = TrainResult(model=self.model, device=str(self.device))
         ends = rung_steps(self.total, rungs)
@@ -382,7 +401,17 @@ class _Run:
         result.total_seconds = time.perf_counter() - self.start
         return result
 
-    def finish_rung(self, rung, frac, step, first, t0, lr, loss_sum, correct) -> EvalStats:
+    def finish_rung(
+        self,
+        rung: int,
+        frac: float,
+        step: int,
+        first: int,
+        t0: float,
+        lr: float,
+        loss_sum: torch.Tensor,
+        correct: torch.Tensor,
+    ) -> EvalStats:
         seen = (step - first) * self.bs
         train_loss = loss_sum.item() / max(1, step - first)
         if self.device.type == "cuda":

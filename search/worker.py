@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,16 +29,8 @@ from search.limits import Limits, over
 from search.profile import Profile
 from search.records import attach, trial_arch, trial_training
 from search.signals import Stop
-from search.study import (
-    MAX_RETRY,
-    Retry,
-    Slots,
-    derived_seed,
-    heartbeat,
-    join,
-    make_sampler,
-    this_process,
-)
+from search.slots import Slots, this_process
+from search.study import derived_seed, heartbeat, join, make_sampler
 from search.trainer import (
     EvalStats,
     OutOfMemory,
@@ -49,6 +42,7 @@ from search.trainer import (
 )
 
 MAX_CONSECUTIVE_REJECTIONS = 500
+RECIPE = ("ema", "tta", "zero_init", "bn_lr", "warmup")  # fixed, not sampled: a study setting
 
 
 @dataclass(frozen=True)
@@ -61,6 +55,23 @@ class Search:
     seed: int  # the study's search seed: the split, and every trial's seed
     device: torch.device
     artifacts: Path | None = None  # optuna-dashboard artifacts; None: none
+
+    def settings(self, pruner: str) -> dict[str, object]:
+        """What makes the trials of a study comparable: a resume must match all of it."""
+        return {
+            "space_version": space.SPACE_VERSION,
+            "dataset": self.data.name,
+            "budget": self.limits.params,
+            "max_macs": self.limits.macs,
+            "max_bytes": self.limits.bytes,
+            "weight_dtype": self.limits.weight_dtype,
+            "profile": self.profile.to_dict(),
+            "train_images": len(self.data.train_y),
+            "val_images": len(self.data.val_y),
+            "seed": self.seed,
+            "pruner": pruner,
+            "recipe": {k: v for k, v in TrainConfig().to_dict().items() if k in RECIPE},
+        }
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -91,12 +102,12 @@ def run_worker(
         "process": this_process() | {"worker_number": number},
     }
     deadline = None if timeout is None else time.monotonic() + timeout
+
+    def finished() -> bool:
+        return stop() or (deadline is not None and time.monotonic() >= deadline)
+
     rejected_in_a_row = 0
-    while not stop():
-        if deadline is not None and time.monotonic() >= deadline:
-            return "timeout"
-        if not slots.wait(stop):
-            break
+    while slots.wait(finished):
         trial = study.ask()
         for key, value in who.items():
             trial.set_user_attr(key, value)
@@ -112,18 +123,48 @@ def run_worker(
         rejected_in_a_row = 0
         seed = trial_seed(search.seed, trial.number)
         cfg = space.suggest_training(trial, search.profile, len(search.data.train_y), seed)
-        if not slots.claim(trial):
-            trial.set_user_attr("failed", "not trained: the study reached its trial count")
+        if not slots.claim(trial):  # another worker took the last free slot first
+            trial.set_user_attr("unused", "not trained: another worker took the last slot")
             study.tell(trial, state=TrialState.FAIL)
-            break
-        with heartbeat(study, trial):
-            state, value = train_trial(trial, spec, cfg, search, stop)
-        frozen = study.tell(trial, value, state=state)
-        if state == TrialState.FAIL:
-            Retry(MAX_RETRY)(study, frozen)  # interrupted: run again when the study goes on
-        if on_tell is not None:
+            continue
+        frozen = run_trial(study, trial, spec, cfg, search, stop, slots)
+        if on_tell is not None and frozen is not None:
             on_tell(study, frozen)
-    return "interrupted" if stop() else "done"
+    if stop():
+        return "interrupted"
+    return "timeout" if deadline is not None and time.monotonic() >= deadline else "done"
+
+
+def run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    spec: ArchSpec,
+    cfg: TrainConfig,
+    search: Search,
+    stop: Stop,
+    slots: Slots,
+) -> FrozenTrial | None:
+    """Train a candidate that holds a slot, under the heartbeat, and tell how it ended.
+
+    Interrupted: failed and queued again (it keeps its slot; interruptions do not
+    use up its retries). An unexpected error: failed with the reason, then raised.
+    """
+    with heartbeat(study, trial):
+        try:
+            state, value = train_trial(trial, spec, cfg, search, stop)
+        except Exception as e:
+            trial.set_user_attr("failed", f"{type(e).__name__}: {one_line(e)}")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+    if state == TrialState.FAIL:
+        slots.requeue(trial, max_retry=None)
+        return None
+    return study.tell(trial, value, state=state)
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def gate(trial: optuna.Trial, spec: ArchSpec, limits: Limits) -> bool:
@@ -210,7 +251,12 @@ def train_trial(
         images_per_s=round(result.images_per_s, 1),
     )
     if search.artifacts is not None:
-        attach(trial, f"trial-{trial.number}-arch.json", spec.to_json() + "\n", search.artifacts)
+        try:
+            attach(
+                trial, f"trial-{trial.number}-arch.json", spec.to_json() + "\n", search.artifacts
+            )
+        except OSError as e:  # the dashboard misses one artifact; the trial stands
+            print(f"warning: artifact of trial {trial.number} not written: {e}", file=sys.stderr)
     return TrialState.COMPLETE, last.val_acc
 
 
@@ -256,49 +302,3 @@ def warm_start(study: optuna.Study, names: list[str], search: Search) -> list[st
             continue
         study.enqueue_trial(params, user_attrs={"preset": name}, skip_if_exists=True)
     return skipped
-
-
-def estimate_trial_seconds(search: Search, samples: int = 24) -> tuple[float, float, float]:
-    """(typical, fastest, slowest) seconds of a full trial here, for the candidates the space
-    proposes first: their MACs, and this device's speed timed on two of them."""
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=search.seed))
-    found: list[tuple[int, ArchSpec, TrainConfig]] = []
-    for _ in range(20 * samples):
-        if len(found) == samples:
-            break
-        trial = study.ask()
-        spec = space.suggest_arch(trial, search.data.shape, search.limits)
-        if search.limits.fits(spec):
-            cfg = space.suggest_training(trial, search.profile, len(search.data.train_y), 0)
-            found.append((search.limits.measure(spec)["macs"], spec, cfg))
-        study.tell(trial, 0.0)
-    if not found:  # the limits leave little room: time the smallest candidate
-        spec = space.smallest(search.data.shape)
-        found = [(search.limits.measure(spec)["macs"], spec, TrainConfig(batch_size=64))]
-    found.sort(key=lambda f: f[0])
-    rates = [_macs_per_second(found[i][1], found[i][2], search) for i in (len(found) // 4, -1)]
-    # Small networks use the device less well: interpolate the speed in MACs.
-    lo, hi = found[len(found) // 4][0], found[-1][0]
-    p = search.profile
-
-    def seconds(macs: int) -> float:
-        t = 0.0 if hi == lo else min(1.0, max(0.0, (macs - lo) / (hi - lo)))
-        rate = rates[0] + t * (rates[1] - rates[0])
-        val = len(search.data.val_y) * len(p.rungs) / 3  # a forward pass is ~1/3 of a step
-        return macs * (p.images + val) / rate
-
-    times = sorted(seconds(m) for m, _, _ in found)
-    return times[len(times) // 2], times[0], times[-1]
-
-
-def _macs_per_second(spec: ArchSpec, cfg: TrainConfig, search: Search) -> float:
-    """Training MACs per second of one candidate: a few timed steps after a warm-up."""
-    d, bs = search.data, min(cfg.batch_size, len(search.data.train_y))
-    n = min(len(d.train_y), 6 * bs)
-    kwargs = {"mean": d.mean, "std": d.std, "device": search.device}
-    warm = TrainConfig(images=2 * bs, batch_size=bs, seed=0)
-    train(spec, warm, d.train_x[:n], d.train_y[:n], **kwargs)
-    result = train(
-        spec, TrainConfig(images=n, batch_size=bs, seed=0), d.train_x[:n], d.train_y[:n], **kwargs
-    )
-    return search.limits.measure(spec)["macs"] * result.images_per_s

@@ -117,7 +117,7 @@ def test_compose_has_no_default_password_and_no_published_database() -> None:
         assert services[name]["healthcheck"]["test"]
     assert compose["x-nas"]["image"] == IMAGE
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
-    assert "ARG TORCH_VERSION=2.14.1" in dockerfile and "HEALTHCHECK" in dockerfile
+    assert "ARG TORCH_VERSION=2.14.1" in dockerfile
     assert "USER nas" in dockerfile
 
 
@@ -144,7 +144,6 @@ def test_sbatch_environment_handling(tmp_path) -> None:
     argv = next(line for line in out.stdout.splitlines() if line.startswith("argv:"))
     assert "--workers 3" in argv and "--study-name s --trials 40" in argv and "--quick" in argv
     assert "pw-9c1" not in argv and f"storage: {secret}" in out.stdout
-    assert (tmp_path / "studies" / "slurm").is_dir()
     missing = sbatch({"DIR": tmp_path, "STUDY": "s"}, fake)
     assert missing.returncode != 0 and "export NAS_STORAGE=" in missing.stderr
     text = SBATCH.read_text()

@@ -24,7 +24,8 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from search.records import counts
-from search.study import SLOT, is_trained
+from search.slots import is_trained
+from search.study import SLOT
 
 from conftest import PG_URL, ROOT
 

@@ -13,7 +13,7 @@ from models import count_macs, count_params
 from models.complexity import count_bytes
 from models.presets import PRESETS, preset
 from search import export
-from search.front import Within, best_within, pareto_front
+from search.front import Within, best_within, pareto_front, train_command
 
 DISTS = {"x": optuna.distributions.FloatDistribution(0, 1)}
 
@@ -110,3 +110,11 @@ def test_export_answers_smaller_budgets_from_one_study(tmp_path, capsys) -> None
     assert [f["trial"] for f in front["front"]] == [0, 1, 2, 3]  # resnet10 is dominated
     assert [r["params"] for r in front["rows"]] == sorted(r["params"] for r in front["rows"])
     assert "python -m search.train --study-name f" in printed and "--trial 3" in printed
+
+
+def test_the_train_command_never_prints_a_password() -> None:
+    """Front rows are printed and saved: a password stays in $NAS_STORAGE."""
+    secret = train_command("s", 3, "postgresql+psycopg://nas:hunter2@db:5432/nas")
+    assert "hunter2" not in secret and "--storage" not in secret
+    plain = train_command("s", 3, "sqlite:///studies/s.db")
+    assert plain.endswith("--storage sqlite:///studies/s.db --trial 3")

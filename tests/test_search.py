@@ -22,7 +22,8 @@ from search.limits import Limits
 from search.profile import Profile
 from search.records import counts, trial_arch
 from search.signals import Stop
-from search.study import Slots, is_trained, open_study
+from search.slots import Slots, is_trained
+from search.study import open_study
 from search.trainer import TrainConfig
 from search.worker import Search, run_worker
 
@@ -257,7 +258,7 @@ from search.data import search_split, synthetic
 from search.limits import Limits
 from search.profile import Profile
 from search.signals import Stop
-from search.study import Slots
+from search.slots import Slots
 from search.trainer import TrainConfig
 from search.worker import Search, run_worker
 

@@ -1,0 +1,142 @@
+"""One global trial count across workers, and trials whose worker is gone.
+
+Every trained candidate takes one of the study's `--trials` slots, claimed
+under the study lock, so the study ends with exactly that many trained trials
+whatever the number of workers. A trial whose run ended early (interrupted, or
+its worker dead) is failed and a copy that keeps its slot is queued, under the
+same lock, so no other candidate can take the slot in between.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search.study import MAX_RETRY, SLOT, Retry, study_lock
+
+
+def is_trained(t: FrozenTrial) -> bool:
+    """Trained to the end or pruned by the pruner: what counts towards --trials."""
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "rejected" not in t.user_attrs
+
+
+def slot_holders(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Trials that hold a slot: trained, training, or waiting to be retried."""
+    live = (TrialState.RUNNING, TrialState.WAITING)
+    return [t for t in trials if SLOT in t.user_attrs and (t.state in live or is_trained(t))]
+
+
+class Slots:
+    """The study's `cap` training slots, shared by every worker of it."""
+
+    def __init__(self, study: optuna.Study, cap: int, url: str | None) -> None:
+        self.study, self.cap, self.url = study, cap, url
+
+    def claim(self, trial: optuna.Trial) -> bool:
+        """Give `trial` a slot, atomically across workers; False if none is left.
+
+        A retried trial (a copy of one whose run ended early) keeps the slot it had.
+        """
+        if SLOT in trial.user_attrs:
+            return True
+        with study_lock(self.url, self.study.study_name):
+            held = len(slot_holders(self.study.get_trials(deepcopy=False)))
+            if held >= self.cap:
+                return False
+            trial.set_user_attr(SLOT, held)
+            return True
+
+    def requeue(self, trial: optuna.Trial | int, max_retry: int | None = MAX_RETRY) -> bool:
+        """Fail a running trial and queue its copy, which keeps its slot; False when
+        another worker ended it first."""
+        with study_lock(self.url, self.study.study_name):
+            try:
+                frozen = self.study.tell(trial, state=TrialState.FAIL)
+            except (ValueError, RuntimeError):
+                return False
+            Retry(max_retry)(self.study, frozen)
+            return True
+
+    def wait(self, stopped: Callable[[], bool], poll_s: float = 2.0) -> bool:
+        """Block until this worker may start a trial (True) or should not (False: the study
+        has its count, or `stopped()`).
+
+        While every slot is held by running trials, a worker waits instead of
+        sampling: if a holder's worker died, its trial is failed and retried
+        (at once when its process is known to be gone), and this worker picks
+        the retry up.
+        """
+        while not stopped():
+            with study_lock(self.url, self.study.study_name):
+                optuna.storages.fail_stale_trials(self.study)
+            trials = self.study.get_trials(deepcopy=False)
+            if self.fail_dead(trials):
+                continue
+            if sum(map(is_trained, trials)) >= self.cap:
+                return False
+            free = len(slot_holders(trials)) < self.cap
+            waiting = [t for t in trials if t.state == TrialState.WAITING]
+            if free or any(SLOT in t.user_attrs for t in waiting):
+                return True
+            time.sleep(poll_s)
+        return False
+
+    def fail_dead(self, trials: list[FrozenTrial]) -> list[int]:
+        """Fail and retry RUNNING trials whose process is known to be gone; their numbers."""
+        here = this_process()
+        dead = [
+            t.number
+            for t in trials
+            if t.state == TrialState.RUNNING and is_gone(t.user_attrs.get("process", {}), here)
+        ]
+        return [n for n in dead if self.requeue(n)]
+
+
+# --- is a trial's process still there? ----------------------------------------------------
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def this_process() -> dict[str, Any]:
+    """Who runs a trial, precisely enough to tell later, on the same host, that it is gone."""
+    try:
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pidns = 0
+    return {
+        "host": socket.gethostname(),
+        "boot": _read("/proc/sys/kernel/random/boot_id"),
+        "pidns": pidns,
+        "pid": os.getpid(),
+        "start": _proc_start(os.getpid()),
+    }
+
+
+def is_gone(process: dict[str, Any], here: dict[str, Any]) -> bool:
+    """True only when certain: same host, boot and pid namespace, and that pid is not
+    the same process any more. Anything else is left to the heartbeat's grace period."""
+    same_machine = all(process.get(k) == here[k] for k in ("host", "boot", "pidns"))
+    if not same_machine or not here["boot"] or process.get("start") is None:
+        return False
+    return _proc_start(process["pid"]) != process["start"]
