@@ -32,7 +32,7 @@ from search.profile import QUICK
 from search.records import best_trial, trial_arch, trial_training
 from search.signals import Stop
 from search.slots import Slots
-from search.study import make_pruner, open_study
+from search.study import DEFAULT_PRUNER, make_pruner, open_study
 from search.trainer import TrainConfig
 from search.worker import Search, run_worker
 
@@ -45,7 +45,7 @@ def quick_search(url: str, name: str, trials: int) -> optuna.Study:
     ds = load_dataset("fashion-mnist")
     data = search_split(ds, 0, QUICK.train_images, QUICK.val_images)
     rungs = [round(f * QUICK.images) for f in QUICK.rungs]
-    study = open_study(url, name, pruner=make_pruner("median", rungs), heartbeat=None)
+    study = open_study(url, name, pruner=make_pruner(DEFAULT_PRUNER, rungs), heartbeat=None)
     search = Search(data, Limits(BUDGET, QUICK.max_macs), QUICK, 0, torch.device("cpu"))
     run_worker(study, search, Slots(study, trials, url), Stop(), url=url)
     return study

@@ -151,16 +151,27 @@ def main() -> None:
                 runs.append(run_one(method, seed, args.seconds, search))
                 record = {"seconds_per_run": args.seconds, "seeds": args.seeds, "runs": runs}
                 save("search_efficiency", record | {"profile": QUICK.to_dict()}, "cpu")
-    runs = [r for r in runs if r["method"] in args.methods and r["seed"] in args.seeds]
+    # Every saved run counts (a later --resume may add seeds for some methods only);
+    # the pruners are also compared on the seeds that every method ran.
+    methods = sorted({r["method"] for r in runs}, key=METHODS.index)
+    seeds = sorted({r["seed"] for r in runs if r["method"] == "random"})
+    common = sorted(
+        set.intersection(*({r["seed"] for r in runs if r["method"] == m} for m in methods))
+    )
+    print(f"all saved runs (random: seeds {seeds}):")
     summary = summarize(runs, args.seconds)
+    print(f"the seeds every method ran ({common}):")
+    on_common = summarize([r for r in runs if r["seed"] in common], args.seconds)
     result = {
         "seconds_per_run": args.seconds,
-        "seeds": args.seeds,
-        "methods": args.methods,
+        "seeds": seeds,
+        "methods": methods,
         "profile": QUICK.to_dict(),
         "budget": 5_000_000,
-        "time_ratio": {m: summary[m]["time_ratio"] for m in args.methods},
+        "time_ratio": {m: summary[m]["time_ratio"] for m in methods},
         "summary": summary,
+        "common_seeds": common,
+        "summary_on_common_seeds": on_common,
         "runs": runs,
     }
     print(f"wrote {save('search_efficiency', result, 'cpu')}")

@@ -38,6 +38,7 @@ from search.records import counts, rejections, summary_table, write_best
 from search.signals import Stop
 from search.slots import Slots
 from search.study import (
+    DEFAULT_PRUNER,
     GRACE_S,
     HEARTBEAT_S,
     PRUNERS,
@@ -68,7 +69,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--trial-images", type=parse_count, help="training images seen per trial")
     add("--train-images", type=parse_count, help="search on a stratified subset this big")
     add("--val-images", type=parse_count, help="validate on a stratified subset this big")
-    add("--pruner", default="median", choices=PRUNERS)
+    add("--pruner", default=DEFAULT_PRUNER, choices=PRUNERS)
     add("--study-name", help="default: <dataset>-<budget>[-quick]; the same name resumes")
     add(
         "--storage",

@@ -36,6 +36,7 @@ HEARTBEAT_S = 30
 GRACE_S = 120
 MAX_RETRY = 2
 PRUNERS = ("median", "percentile", "halving", "hyperband", "none")
+DEFAULT_PRUNER = "median"  # benchmarks/search_efficiency chose it (README, Trials)
 SLOT = "slot"  # user attr: the trial holds one of the study's --trials training slots
 
 

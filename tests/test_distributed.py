@@ -313,3 +313,17 @@ def test_workers_stop_when_their_parent_is_killed(study_name, tmp_path) -> None:
     assert processes_of(study_name) == []
     assert counts(load(url, study_name))["running"] == 0
     assert "Traceback" not in worker_logs(tmp_path, study_name)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_sixteen_workers_on_one_postgres_study(pg_url) -> None:
+    """16 processes (as on 16 GPUs) run the real loop on one study: the count is exact,
+    nothing is left RUNNING or FAILED, no worker hits a connection error."""
+    from benchmarks.scale_workers import measure
+
+    r = measure(pg_url, 16, 32)
+    assert r["errors"] == [] and r["exit_codes"] == [0] * 16
+    assert r["trained"] == 32
+    assert r["counts"]["running"] == 0 and r["counts"]["failed"] == 0
+    assert r["counts"]["waiting"] == 0
