@@ -210,7 +210,9 @@ def search_here(
     return "gave up" if GAVE_UP in codes else "done"
 
 
-def finish(args: argparse.Namespace, study: optuna.Study, why: str, seconds: float) -> None:
+def finish(
+    args: argparse.Namespace, argv: list[str], study: optuna.Study, why: str, seconds: float
+) -> None:
     """Summary table, best.json, the dashboard command and how to resume."""
     trials = study.get_trials(deepcopy=False)
     print(summary_table(trials, rejections(trials)))
@@ -227,7 +229,7 @@ def finish(args: argparse.Namespace, study: optuna.Study, why: str, seconds: flo
             "stopped: the last candidates were all over the limits; raise --budget", file=sys.stderr
         )
     if why in ("interrupted", "timeout"):
-        print(f"to resume: {study.user_attrs.get('command', 'the same command')}")
+        print(f"to resume: {command_line(argv)}")  # this run's flags, not the first run's
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         why = search_here(args, argv, study, search, stop)
         if not args.worker:
-            finish(args, study, why, time.perf_counter() - start)
+            finish(args, argv, study, why, time.perf_counter() - start)
     except KeyboardInterrupt:
         print("interrupted again: stopped at once; run the same command to resume", file=sys.stderr)
         return 130
