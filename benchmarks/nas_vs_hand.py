@@ -96,9 +96,12 @@ def main() -> None:
             "epochs_curve": [[e["test_accuracy"] for e in r["epochs"]] for r in runs],
         }
         print(f"{name:20s} {100 * mean:.2f}% +- {100 * sd:.2f} ({count_params(spec):,} params)")
+        # Saved after every design: a run cut short keeps what it measured.
+        save("nas_vs_hand", {"complete": False, "epochs": args.epochs, "designs": results})
     hand = {k: v for k, v in results.items() if k != "search winner"}
     best_hand = max(hand, key=lambda k: hand[k]["test_mean"])
     result = {
+        "complete": True,
         "dataset": "fashion-mnist",
         "epochs": args.epochs,
         "seeds": args.seeds,
