@@ -1,6 +1,7 @@
 """Is the search's winner better than the hand designs under the same final training?
 
 python -m benchmarks.nas_vs_hand [--study-name NAME --storage URL] [--epochs 3] [--seeds 0 1 2]
+    [--designs "search winner" resnet18-2111 ...] [--resume]
 
 The winner is the best trial of a quick Fashion-MNIST search (an existing study,
 or a new `search.run --quick --trials 100` equivalent run first). It and the
@@ -10,11 +11,14 @@ epochs, with the same trainer and recipe, once per seed, and measured on the
 test split. The winner uses the training settings the search found for it; a
 hand design uses the hand-picked defaults of TrainConfig (SGD-Nesterov 0.1,
 batch 256, label smoothing 0.1, crop and flip, one-cycle), as a person would.
+Every run is saved as it ends; --resume keeps the saved runs of the same
+length (a winner run only if it trained this study's winner).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from dataclasses import replace
@@ -22,7 +26,7 @@ from dataclasses import replace
 import optuna
 import torch
 
-from benchmarks.machine import save
+from benchmarks.machine import RESULTS, save
 from models import count_params
 from models.presets import preset
 from search.data import load_dataset, search_split
@@ -37,6 +41,7 @@ from search.trainer import TrainConfig
 from search.worker import Search, run_worker
 
 HAND = ("resnet18-2111", "resnet-3stage-2221", "resnet-tiny")
+WINNER = "search winner"
 BUDGET = 5_000_000
 
 
@@ -51,6 +56,33 @@ def quick_search(url: str, name: str, trials: int) -> optuna.Study:
     return study
 
 
+def training(cfg: TrainConfig) -> dict:
+    """The settings that make a design's runs alike (not the seed, not the length)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "images")}
+
+
+def load_runs(epochs: int) -> list[dict]:
+    """Runs saved by an earlier invocation with the same final training length."""
+    path = RESULTS / "nas_vs_hand-cpu.json"
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    return saved.get("runs", []) if saved.get("epochs") == epochs else []
+
+
+def summarize(runs: list[dict]) -> dict[str, dict]:
+    """Per design: parameters, settings, and the mean and sd over its seeds."""
+    out: dict[str, dict] = {}
+    for r in runs:
+        d = out.setdefault(r["design"], {k: r[k] for k in ("params", "architecture", "training")})
+        d.setdefault("runs", []).append(r)
+    for d in out.values():
+        accs = [r["test_accuracy"] for r in d.pop("runs")]
+        d["test_mean"], d["test_sd"] = mean_sd(accs)
+        d["test_accuracy"] = accs
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--storage", default="sqlite:///studies/nas-vs-hand.db")
@@ -58,72 +90,90 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--hand", nargs="+", default=list(HAND))
+    ap.add_argument("--designs", nargs="+", default=[WINNER, *HAND], choices=[WINNER, *HAND])
+    ap.add_argument("--resume", action="store_true", help="keep the runs already saved")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    t0 = time.perf_counter()
-    try:
-        study = open_study(args.storage, args.study_name, create=False, heartbeat=None)
-    except Exception:
-        print(f"running the quick search ({args.trials} trials) ...", flush=True)
-        study = quick_search(args.storage, args.study_name, args.trials)
-    search_seconds = time.perf_counter() - t0
-    winner = best_trial(study)
     ds = load_dataset("fashion-mnist")
     shape = (ds.channels, ds.size, ds.num_classes)
-    designs = {"search winner": (trial_arch(winner), trial_training(winner))}
-    designs |= {name: (preset(name, *shape), TrainConfig()) for name in args.hand}
-    device, results = torch.device("cpu"), {}
+    designs = {name: (preset(name, *shape), TrainConfig()) for name in args.designs if name in HAND}
+    study_info = None
+    if WINNER in args.designs:
+        t0 = time.perf_counter()
+        try:
+            study = open_study(args.storage, args.study_name, create=False, heartbeat=None)
+        except Exception:
+            print(f"running the quick search ({args.trials} trials) ...", flush=True)
+            study = quick_search(args.storage, args.study_name, args.trials)
+        winner = best_trial(study)
+        study_info = {
+            "name": args.study_name,
+            "trial": winner.number,
+            "validation": winner.value,
+            "search_seconds": time.perf_counter() - t0,
+        }
+        designs = {WINNER: (trial_arch(winner), trial_training(winner))} | designs
+    runs = load_runs(args.epochs) if args.resume else []
+    # A saved run counts only if it trained the same design (the winner of this study).
+    same = {name: (spec.to_dict(), training(cfg)) for name, (spec, cfg) in designs.items()}
+    runs = [
+        r
+        for r in runs
+        if r["design"] not in same or (r["architecture"], r["training"]) == same[r["design"]]
+    ]
+    done = {(r["design"], r["seed"]) for r in runs}
+    device = torch.device("cpu")
     for name, (spec, cfg) in designs.items():
-        runs = []
         for seed in args.seeds:
+            if (name, seed) in done:
+                continue
             run, _ = run_once(spec, replace(cfg, seed=seed), args.epochs, ds, device)
-            runs.append(run)
+            runs.append(
+                {
+                    "design": name,
+                    "seed": seed,
+                    "params": count_params(spec),
+                    "architecture": spec.to_dict(),
+                    "training": {
+                        k: v for k, v in cfg.to_dict().items() if k not in ("seed", "images")
+                    },
+                    "test_accuracy": run["test_accuracy"],
+                    "seconds": run["seconds"],
+                    "epochs_curve": [e["test_accuracy"] for e in run["epochs"]],
+                }
+                | ({"study": study_info} if name == WINNER else {})
+            )
             print(
                 f"{name:20s} seed {seed}: test accuracy {run['test_accuracy']:.4f} "
                 f"({run['seconds']:.0f} s)",
                 flush=True,
             )
-        mean, sd = mean_sd([r["test_accuracy"] for r in runs])
-        results[name] = {
-            "params": count_params(spec),
-            "architecture": spec.to_dict(),
-            "training": {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "images")},
-            "test_mean": mean,
-            "test_sd": sd,
-            "test_accuracy": [r["test_accuracy"] for r in runs],
-            "seconds": [r["seconds"] for r in runs],
-            "epochs_curve": [[e["test_accuracy"] for e in r["epochs"]] for r in runs],
+            # Saved after every run: a run cut short keeps what it measured (--resume).
+            save("nas_vs_hand", {"complete": False, "epochs": args.epochs, "runs": runs})
+    results = summarize(runs)
+    for name, d in results.items():
+        mean, sd = 100 * d["test_mean"], 100 * d["test_sd"]
+        print(f"{name:20s} {mean:.2f}% +- {sd:.2f} ({d['params']:,} params)")
+    seeds = sorted({r["seed"] for r in runs})
+    complete = all(sum(r["design"] == name for r in runs) >= 3 for name in (WINNER, *HAND))
+    hand = {k: v for k, v in results.items() if k != WINNER}
+    result: dict = {"complete": complete, "dataset": "fashion-mnist", "epochs": args.epochs}
+    result |= {"seeds": seeds, "budget": BUDGET, "designs": results}
+    if WINNER in results and hand:
+        best_hand = max(hand, key=lambda k: hand[k]["test_mean"])
+        winner_run = next(r for r in runs if r["design"] == WINNER)
+        result |= {
+            "study": winner_run["study"],
+            "winner_test_mean": results[WINNER]["test_mean"],
+            "best_hand_test_mean": hand[best_hand]["test_mean"],
+            "hand_design": best_hand,
         }
-        print(f"{name:20s} {100 * mean:.2f}% +- {100 * sd:.2f} ({count_params(spec):,} params)")
-        # Saved after every design: a run cut short keeps what it measured.
-        save("nas_vs_hand", {"complete": False, "epochs": args.epochs, "designs": results})
-    hand = {k: v for k, v in results.items() if k != "search winner"}
-    best_hand = max(hand, key=lambda k: hand[k]["test_mean"])
-    result = {
-        "complete": True,
-        "dataset": "fashion-mnist",
-        "epochs": args.epochs,
-        "seeds": args.seeds,
-        "budget": BUDGET,
-        "study": {
-            "name": args.study_name,
-            "trial": winner.number,
-            "validation": winner.value,
-            "search_seconds": search_seconds,
-        },
-        "winner_test_mean": results["search winner"]["test_mean"],
-        "best_hand_test_mean": hand[best_hand]["test_mean"],
-        "hand_design": best_hand,
-        "designs": results,
-        "median_seconds_per_run": statistics.median(
-            s for r in results.values() for s in r["seconds"]
-        ),
-    }
-    print(
-        f"winner {100 * result['winner_test_mean']:.2f}% vs best hand design {best_hand} "
-        f"{100 * result['best_hand_test_mean']:.2f}%"
-    )
+        print(
+            f"winner {100 * result['winner_test_mean']:.2f}% vs best hand design {best_hand} "
+            f"{100 * result['best_hand_test_mean']:.2f}%"
+        )
+    result["median_seconds_per_run"] = statistics.median(r["seconds"] for r in runs)
+    result["runs"] = runs
     print(f"wrote {save('nas_vs_hand', result)}")
 
 
