@@ -1,9 +1,11 @@
 """A small image folder: does a 6-trial quick search get a good network out of it?
 
-python -m benchmarks.small_folder [--per-class 200] [--size 24] [--trials 6]
+python -m benchmarks.small_folder [--source fashion-mnist|digits] [--per-class 200]
+    [--size 24] [--trials 6]
 
-Writes a stratified subset of Fashion-MNIST's training images as PNG files,
-one folder per class, resized to 24 px (2,000 images by default), and runs
+Writes a stratified subset of Fashion-MNIST's training images (2,000 by
+default), or scikit-learn's 1,797 handwritten digits (`--source digits`, the
+`bench` extra), as PNG files, one folder per class, resized to 24 px, and runs
 `python -m search.run --dataset folder:PATH --quick --trials 6` on it. For a
 ceiling, it then trains the search's best candidate 4x longer with 3 seeds on
 the same training images and validates on the same held-out images.
@@ -31,26 +33,40 @@ from search.records import best_trial, counts, trial_arch, trial_training
 from search.worker import Search, fit
 
 
-def write_folder(root: Path, per_class: int, size: int) -> int:
+def images(source: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """uint8 images (N, H, W), labels and class names of a source."""
+    if source == "digits":  # scikit-learn ships them: 1,797 scans of 8x8 px, 16 levels
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.tensor(d.images * 255 / 16, dtype=torch.uint8)
+        return x, torch.tensor(d.target), [str(c) for c in d.target_names]
     ds = load_dataset("fashion-mnist")
     idx = subset(ds.train_y, per_class * ds.num_classes, seed=0)
-    for n, i in enumerate(idx.tolist()):
-        cls = root / ds.classes[int(ds.train_y[i])].replace("/", "-")
+    return ds.train_x[idx, 0], ds.train_y[idx], ds.classes
+
+
+def write_folder(root: Path, source: str, per_class: int, size: int) -> int:
+    """PNG files, one folder per class, resized to `size` px."""
+    x, y, classes = images(source, per_class)
+    for n in range(len(y)):
+        cls = root / classes[int(y[n])].replace("/", "-")
         cls.mkdir(parents=True, exist_ok=True)
-        img = Image.fromarray(ds.train_x[i, 0].numpy()).resize((size, size), Image.BILINEAR)
+        img = Image.fromarray(x[n].numpy()).resize((size, size), Image.BILINEAR)
         img.save(cls / f"{n:05d}.png")
-    return len(idx)
+    return len(y)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--per-class", type=int, default=200)
+    ap.add_argument("--source", default="fashion-mnist", choices=["fashion-mnist", "digits"])
+    ap.add_argument("--per-class", type=int, default=200, help="fashion-mnist images per class")
     ap.add_argument("--size", type=int, default=24)
     ap.add_argument("--trials", type=int, default=6)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "fashion-small"
-        n = write_folder(folder, args.per_class, args.size)
+        folder = Path(tmp) / f"{args.source}-small"
+        n = write_folder(folder, args.source, args.per_class, args.size)
         url = f"sqlite:///{tmp}/s.db"
         t0 = time.perf_counter()
         argv = ["--dataset", f"folder:{folder}", "--quick", "--trials", str(args.trials)]
@@ -70,6 +86,7 @@ def main() -> None:
             for s in range(3)
         ]
     result = {
+        "source": args.source,
         "images": n,
         "size": args.size,
         "trials": args.trials,
@@ -90,7 +107,8 @@ def main() -> None:
         f"{args.trials} trials ({seconds:.0f} s); the same candidate 4x longer: "
         f"{', '.join(f'{a:.4f}' for a in longer)}"
     )
-    print(f"wrote {save('small_folder', result)}")
+    name = "small_folder" + ("" if args.source == "fashion-mnist" else f"-{args.source}")
+    print(f"wrote {save(name, result)}")
 
 
 if __name__ == "__main__":
