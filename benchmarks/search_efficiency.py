@@ -10,7 +10,8 @@ the same device, once per seed:
 
 - random: RandomSampler, no pruning (the gate still skips over-limit candidates,
   since otherwise its best could be an invalid answer);
-- tpe+PRUNER: multivariate TPE (as search.run) with that pruner.
+- tpe+PRUNER: multivariate TPE (as search.run) with that pruner;
+  tpe+PRUNER:N: the median or percentile rule after N trials instead of 5.
 
 Each run records its best validation accuracy over elapsed time. `time_ratio`
 of a method: the median over seeds of the time it needs to reach random
@@ -37,10 +38,18 @@ from search.profile import QUICK
 from search.records import counts, outcome
 from search.signals import Stop
 from search.slots import Slots
-from search.study import make_pruner, make_sampler
+from search.study import PRUNER_STARTUP, make_pruner, make_sampler
 from search.worker import Search, run_worker
 
-METHODS = ("random", "tpe+median", "tpe+percentile", "tpe+halving", "tpe+hyperband")
+METHODS = (
+    "random",
+    "tpe+median",
+    "tpe+percentile",
+    "tpe+halving",
+    "tpe+hyperband",
+    "tpe+median:2",
+    "tpe+percentile:2",
+)
 Curve = list[tuple[float, float]]  # (elapsed seconds, best validation accuracy so far)
 
 
@@ -50,7 +59,9 @@ def run_one(method: str, seed: int, seconds: float, search: Search) -> dict:
     if method == "random":
         sampler, pruner = optuna.samplers.RandomSampler, make_pruner("none", rungs)
     else:
-        sampler, pruner = make_sampler, make_pruner(method.removeprefix("tpe+"), rungs)
+        kind, _, startup = method.removeprefix("tpe+").partition(":")
+        pruner = make_pruner(kind, rungs, int(startup or PRUNER_STARTUP))
+        sampler = make_sampler
     study = optuna.create_study(direction="maximize", pruner=pruner)
     stop = Stop()
     timer = threading.Timer(seconds, stop.request)

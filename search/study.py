@@ -37,6 +37,7 @@ GRACE_S = 120
 MAX_RETRY = 2
 PRUNERS = ("median", "percentile", "halving", "hyperband", "none")
 DEFAULT_PRUNER = "median"  # benchmarks/search_efficiency chose it (README, Trials)
+PRUNER_STARTUP = 5
 SLOT = "slot"  # user attr: the trial holds one of the study's --trials training slots
 
 
@@ -127,14 +128,20 @@ def make_sampler(seed: int | None) -> optuna.samplers.TPESampler:
     )
 
 
-def make_pruner(kind: str, rung_images: list[int]) -> optuna.pruners.BasePruner:
-    """Steps are the images seen at each rung, the same in every trial of a study."""
+def make_pruner(
+    kind: str, rung_images: list[int], startup: int = PRUNER_STARTUP
+) -> optuna.pruners.BasePruner:
+    """Steps are the images seen at each rung, the same in every trial of a study.
+
+    `startup`: trials that run to the end before the median and percentile rules
+    prune anything.
+    """
     first, last = rung_images[0], rung_images[-1]
     factor = max(2, round(rung_images[1] / first)) if len(rung_images) > 1 else 3
     if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
-    if kind == "percentile":
-        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=5, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0)
+    if kind == "percentile":  # keeps the top quarter at each rung
+        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=startup, n_warmup_steps=0)
     if kind == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(
             min_resource=first, reduction_factor=factor, min_early_stopping_rate=0

@@ -23,7 +23,7 @@ from search.profile import Profile
 from search.records import counts, trial_arch
 from search.signals import Stop
 from search.slots import Slots, is_trained
-from search.study import open_study
+from search.study import make_pruner, open_study
 from search.trainer import TrainConfig
 from search.worker import Search, run_worker
 
@@ -146,23 +146,24 @@ def test_the_space_rarely_proposes_what_cannot_fit() -> None:
     assert reached == set(range(space.WIDTH_MIN, widest + 1, space.WIDTH_STEP))
 
 
-def test_clearly_worse_trial_is_pruned_by_the_median_rule() -> None:
+@pytest.mark.parametrize(
+    ("kind", "rule"), [("median", "MedianPruner"), ("percentile", "PercentilePruner")]
+)
+def test_clearly_worse_trial_is_pruned_after_the_startup_trials(kind, rule) -> None:
     search = small_search()
-    study = optuna.create_study(
-        direction="maximize", pruner=optuna.pruners.MedianPruner(5, n_warmup_steps=0)
-    )
+    rungs = [round(f * search.profile.images) for f in search.profile.rungs]
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(kind, rungs, startup=2))
     arch = space.preset_params(preset("resnet-tiny"), search.limits)
     good = space.training_params(TrainConfig(batch_size=64, lr=0.1))
-    for _ in range(5):
+    for _ in range(2):
         study.enqueue_trial(arch | good)
     # Same network at the smallest learning rate of the space.
     study.enqueue_trial(arch | space.training_params(TrainConfig(batch_size=128, lr=0.01)))
-    loop(study, search, trials=6)
+    loop(study, search, trials=3)
     states = [t.state for t in study.trials]
-    assert states[:5] == [TrialState.COMPLETE] * 5
-    assert states[5] == TrialState.PRUNED
-    assert study.trials[5].user_attrs["pruned"].startswith("MedianPruner at 512 images")
-    assert list(study.trials[5].intermediate_values) == [512]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    assert study.trials[2].user_attrs["pruned"].startswith(f"{rule} at 512 images")
+    assert list(study.trials[2].intermediate_values) == [512]
 
 
 def test_every_preset_is_a_point_of_the_space() -> None:
