@@ -29,7 +29,7 @@ import torch
 from benchmarks.machine import RESULTS, save
 from models import count_params
 from models.presets import preset
-from search.data import load_dataset, search_split
+from search.data import Dataset, load_dataset, search_split
 from search.final import mean_sd, run_once
 from search.limits import Limits
 from search.profile import QUICK
@@ -45,12 +45,12 @@ WINNER = "search winner"
 BUDGET = 5_000_000
 
 
-def quick_search(url: str, name: str, trials: int) -> optuna.Study:
+def quick_search(ds: Dataset, url: str, name: str, trials: int) -> optuna.Study:
     """The quick profile's search, as `search.run --quick` runs it."""
-    ds = load_dataset("fashion-mnist")
     data = search_split(ds, 0, QUICK.train_images, QUICK.val_images)
-    rungs = [round(f * QUICK.images) for f in QUICK.rungs]
-    study = open_study(url, name, pruner=make_pruner(DEFAULT_PRUNER, rungs), heartbeat=None)
+    study = open_study(
+        url, name, pruner=make_pruner(DEFAULT_PRUNER, QUICK.rung_images()), heartbeat=None
+    )
     search = Search(data, Limits(BUDGET, QUICK.max_macs), QUICK, 0, torch.device("cpu"))
     run_worker(study, search, Slots(study, trials, url), Stop(), url=url)
     return study
@@ -104,7 +104,7 @@ def main() -> None:
             study = open_study(args.storage, args.study_name, create=False, heartbeat=None)
         except Exception:
             print(f"running the quick search ({args.trials} trials) ...", flush=True)
-            study = quick_search(args.storage, args.study_name, args.trials)
+            study = quick_search(ds, args.storage, args.study_name, args.trials)
         winner = best_trial(study)
         study_info = {
             "name": args.study_name,
@@ -134,9 +134,7 @@ def main() -> None:
                     "seed": seed,
                     "params": count_params(spec),
                     "architecture": spec.to_dict(),
-                    "training": {
-                        k: v for k, v in cfg.to_dict().items() if k not in ("seed", "images")
-                    },
+                    "training": training(cfg),
                     "test_accuracy": run["test_accuracy"],
                     "seconds": run["seconds"],
                     "epochs_curve": [e["test_accuracy"] for e in run["epochs"]],

@@ -55,7 +55,7 @@ Curve = list[tuple[float, float]]  # (elapsed seconds, best validation accuracy 
 
 def run_one(method: str, seed: int, seconds: float, search: Search) -> dict:
     """One timed search; its curve and what it did."""
-    rungs = [round(f * search.profile.images) for f in search.profile.rungs]
+    rungs = search.profile.rung_images()
     if method == "random":
         sampler, pruner = optuna.samplers.RandomSampler, make_pruner("none", rungs)
     else:

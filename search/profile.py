@@ -40,8 +40,12 @@ class Profile:
             return self
         return replace(self, name=f"{self.name}+custom", **changes)
 
+    def rung_images(self) -> list[int]:
+        """Training images seen at each rung: the pruner's steps."""
+        return [round(f * self.images) for f in self.rungs]
+
     def describe(self, n_train: int) -> str:
-        rungs = ", ".join(f"{round(f * self.images):,}" for f in self.rungs)
+        rungs = ", ".join(f"{n:,}" for n in self.rung_images())
         return (
             f"{self.name} profile: {self.images:,} training images per trial "
             f"(validation after {rungs}), batch sizes {list(self.batch_choices(n_train))} "

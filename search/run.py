@@ -118,11 +118,10 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> tuple[optuna.Study, Se
     )
     limits = Limits(args.budget, profile.max_macs, args.max_bytes, args.weight_dtype)
     space.check_room(data.shape, limits)
-    rung_images = [round(f * profile.images) for f in profile.rungs]
     study = open_study(
         args.storage,
         args.study_name,
-        pruner=make_pruner(args.pruner, rung_images),
+        pruner=make_pruner(args.pruner, profile.rung_images()),
         heartbeat=(args.heartbeat, args.grace),
     )
     # Only a process that trains holds the split on the device: a --workers parent does not.

@@ -151,8 +151,8 @@ def test_the_space_rarely_proposes_what_cannot_fit() -> None:
 )
 def test_clearly_worse_trial_is_pruned_after_the_startup_trials(kind, rule) -> None:
     search = small_search()
-    rungs = [round(f * search.profile.images) for f in search.profile.rungs]
-    study = optuna.create_study(direction="maximize", pruner=make_pruner(kind, rungs, startup=2))
+    pruner = make_pruner(kind, search.profile.rung_images(), startup=2)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
     arch = space.preset_params(preset("resnet-tiny"), search.limits)
     good = space.training_params(TrainConfig(batch_size=64, lr=0.1))
     for _ in range(2):
