@@ -36,10 +36,15 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     return info
 
 
-def save(name: str, result: dict[str, Any], device: str = "cpu") -> Path:
-    """Write results/<name>-<device kind>.json with the machine and the date."""
+def result_path(name: str, device: str = "cpu") -> Path:
+    """results/<name>-<device kind>.json: where `save` writes and a --resume reads."""
     tag = machine(device).get("gpu", "cpu").lower().replace(" ", "-")
-    path = RESULTS / f"{name}-{tag}.json"
+    return RESULTS / f"{name}-{tag}.json"
+
+
+def save(name: str, result: dict[str, Any], device: str = "cpu") -> Path:
+    """Write the result with the machine and the date (see `result_path`)."""
+    path = result_path(name, device)
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": name,

@@ -26,7 +26,7 @@ from dataclasses import replace
 import optuna
 import torch
 
-from benchmarks.machine import RESULTS, save
+from benchmarks.machine import result_path, save
 from models import count_params
 from models.presets import preset
 from search.data import Dataset, load_dataset, search_split
@@ -63,7 +63,7 @@ def training(cfg: TrainConfig) -> dict:
 
 def load_runs(epochs: int) -> list[dict]:
     """Runs saved by an earlier invocation with the same final training length."""
-    path = RESULTS / "nas_vs_hand-cpu.json"
+    path = result_path("nas_vs_hand")
     if not path.exists():
         return []
     saved = json.loads(path.read_text())

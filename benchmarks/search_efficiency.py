@@ -31,7 +31,7 @@ import time
 import optuna
 import torch
 
-from benchmarks.machine import RESULTS, save
+from benchmarks.machine import result_path, save
 from search.data import load_dataset, search_split
 from search.limits import Limits
 from search.profile import QUICK
@@ -151,7 +151,7 @@ def main() -> None:
     device = torch.device("cpu")
     ds = load_dataset("fashion-mnist", args.data_dir)
     data = search_split(ds, 0, QUICK.train_images, QUICK.val_images)
-    path = RESULTS / "search_efficiency-cpu.json"
+    path = result_path("search_efficiency")
     runs = json.loads(path.read_text())["runs"] if args.resume and path.exists() else []
     done = {(r["method"], r["seed"]) for r in runs}
     print(f"{args.seconds:.0f} s per run, seeds {args.seeds}, on {device}", flush=True)
