@@ -46,10 +46,13 @@ class Profile:
 
     def describe(self, n_train: int) -> str:
         rungs = ", ".join(f"{n:,}" for n in self.rung_images())
+        choices = self.batch_choices(n_train)
+        steps = self.images // max(choices)
+        # When no batch size fits, the smallest is used anyway: say what it gives.
+        fits = f">= {self.min_steps} steps" if steps >= self.min_steps else f"{steps} steps"
         return (
             f"{self.name} profile: {self.images:,} training images per trial "
-            f"(validation after {rungs}), batch sizes {list(self.batch_choices(n_train))} "
-            f"(>= {self.min_steps} steps)"
+            f"(validation after {rungs}), batch sizes {list(choices)} ({fits})"
             + (f", at most {self.max_macs:,} MACs/image" if self.max_macs else "")
         )
 

@@ -146,6 +146,17 @@ def test_the_space_rarely_proposes_what_cannot_fit() -> None:
     assert reached == set(range(space.WIDTH_MIN, widest + 1, space.WIDTH_STEP))
 
 
+def test_batch_sizes_fit_the_trial_length_and_the_print_says_what_they_give() -> None:
+    p = Profile("p", 24_000, (0.5, 1.0), min_steps=250, batch_sizes=(32, 64, 96, 128))
+    assert p.batch_choices(20_000) == (32, 64, 96)  # 128 leaves only 187 steps
+    assert p.batch_choices(200) == (32,)  # 64 would be fewer than 4 batches per pass
+    assert "(>= 250 steps)" in p.describe(20_000)
+    short = p.override(images=4_000)  # no batch size leaves 250 steps: the smallest runs
+    assert short.batch_choices(20_000) == (32,)
+    assert "batch sizes [32] (125 steps)" in short.describe(20_000)
+    assert short.name == "p+custom"
+
+
 @pytest.mark.parametrize(
     ("kind", "rule"), [("median", "MedianPruner"), ("percentile", "PercentilePruner")]
 )
