@@ -11,7 +11,8 @@ the same device, once per seed:
 - random: RandomSampler, no pruning (the gate still skips over-limit candidates,
   since otherwise its best could be an invalid answer);
 - tpe+PRUNER: multivariate TPE (as search.run) with that pruner;
-  tpe+PRUNER:N: the median or percentile rule after N trials instead of 5.
+  tpe+PRUNER:N: the median or percentile rule after N trials instead of 5;
+  tpeK+PRUNER[:N]: TPE models after K trials (rejected ones count) instead of 10.
 
 Each run records its best validation accuracy over elapsed time. `time_ratio`
 of a method: the median over seeds of the time it needs to reach random
@@ -23,7 +24,9 @@ Results are saved after every run; --resume skips the runs already saved.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import re
 import statistics
 import threading
 import time
@@ -38,18 +41,11 @@ from search.profile import QUICK
 from search.records import counts, outcome
 from search.signals import Stop
 from search.slots import Slots
-from search.study import PRUNER_STARTUP, make_pruner, make_sampler
+from search.study import PRUNER_STARTUP, SAMPLER_STARTUP, make_pruner, make_sampler
 from search.worker import Search, run_worker
 
-METHODS = (
-    "random",
-    "tpe+median",
-    "tpe+percentile",
-    "tpe+halving",
-    "tpe+hyperband",
-    "tpe+median:2",
-    "tpe+percentile:2",
-)
+PRUNER_KINDS = ("median", "percentile", "halving", "hyperband")
+METHOD = re.compile(rf"random|tpe(\d*)\+({'|'.join(PRUNER_KINDS)})(?::(\d+))?")
 Curve = list[tuple[float, float]]  # (elapsed seconds, best validation accuracy so far)
 
 
@@ -59,16 +55,23 @@ def run_one(method: str, seed: int, seconds: float, search: Search) -> dict:
     if method == "random":
         sampler, pruner = optuna.samplers.RandomSampler, make_pruner("none", rungs)
     else:
-        kind, _, startup = method.removeprefix("tpe+").partition(":")
-        pruner = make_pruner(kind, rungs, int(startup or PRUNER_STARTUP))
-        sampler = make_sampler
+        tpe_startup, kind, pruner_startup = method_parts(method)
+        pruner = make_pruner(kind, rungs, pruner_startup)
+        sampler = functools.partial(make_sampler, startup=tpe_startup)
     study = optuna.create_study(direction="maximize", pruner=pruner)
     stop = Stop()
     timer = threading.Timer(seconds, stop.request)
     start, curve, best = time.perf_counter(), [], 0.0
+    log: list[list] = []  # every trained trial: where the wall clock went
 
     def record(_st: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
         nonlocal best
+        if outcome(t) in ("complete", "pruned"):
+            last = max(t.intermediate_values, default=0)
+            acc = t.intermediate_values.get(last)
+            end = round(time.perf_counter() - start, 1)
+            size = t.user_attrs.get("macs"), t.params.get("batch_size")
+            log.append([end, t.number, outcome(t), last, acc, *size])
         if t.state == optuna.trial.TrialState.COMPLETE and t.value > best:
             best = t.value
             curve.append((time.perf_counter() - start, best))
@@ -94,9 +97,25 @@ def run_one(method: str, seed: int, seconds: float, search: Search) -> dict:
         "curve": curve,
         "final_best": best,
         "counts": c,
+        "trained_log": log,  # [seconds at its end, number, outcome, images, accuracy, MACs, batch]
         "rejected_fraction_first_20": statistics.mean(rejected[:20]) if rejected else None,
         "rejected_fraction_last_50": statistics.mean(rejected[-50:]) if rejected else None,
     }
+
+
+def method_parts(method: str) -> tuple[int, str, int]:
+    """tpeK+KIND:N -> (TPE startup K, pruner kind, pruner startup N), defaults filled."""
+    m = METHOD.fullmatch(method)
+    assert m is not None and method != "random", method
+    return int(m[1] or SAMPLER_STARTUP), m[2], int(m[3] or PRUNER_STARTUP)
+
+
+def method_name(text: str) -> str:
+    if not METHOD.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use random or tpe[K]+KIND[:N], KIND one of {', '.join(PRUNER_KINDS)}"
+        )
+    return text
 
 
 def time_to(curve: Curve, target: float, never: float) -> float:
@@ -141,7 +160,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=240, help="wall clock per run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--methods", nargs="+", default=["random", "tpe+median"], choices=METHODS)
+    ap.add_argument(
+        "--methods", nargs="+", default=["random", "tpe+median"], type=method_name, metavar="M"
+    )
     ap.add_argument("--resume", action="store_true", help="keep the runs already saved")
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
@@ -164,7 +185,7 @@ def main() -> None:
                 save("search_efficiency", record | {"profile": QUICK.to_dict()}, "cpu")
     # Every saved run counts (a later --resume may add seeds for some methods only);
     # the pruners are also compared on the seeds that every method ran.
-    methods = sorted({r["method"] for r in runs}, key=METHODS.index)
+    methods = list(dict.fromkeys(r["method"] for r in runs))  # in the order they first ran
     seeds = sorted({r["seed"] for r in runs if r["method"] == "random"})
     common = sorted(
         set.intersection(*({r["seed"] for r in runs if r["method"] == m} for m in methods))

@@ -38,6 +38,7 @@ MAX_RETRY = 2
 PRUNERS = ("median", "percentile", "halving", "hyperband", "none")
 DEFAULT_PRUNER = "median"  # benchmarks/search_efficiency chose it (README, Trials)
 PRUNER_STARTUP = 5
+SAMPLER_STARTUP = 10
 SLOT = "slot"  # user attr: the trial holds one of the study's --trials training slots
 
 
@@ -120,11 +121,15 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFF_FFFF
 
 
-def make_sampler(seed: int | None) -> optuna.samplers.TPESampler:
-    # constant_liar: parallel workers see running trials as bad, so they spread out;
-    # group: the per-stage parameters exist only for some stage counts.
+def make_sampler(seed: int | None, startup: int = SAMPLER_STARTUP) -> optuna.samplers.TPESampler:
+    """`startup`: random trials before TPE models; rejected candidates count, since TPE
+    counts PRUNED trials.
+
+    constant_liar: parallel workers see running trials as bad, so they spread out;
+    group: the per-stage parameters exist only for some stage counts.
+    """
     return optuna.samplers.TPESampler(
-        multivariate=True, group=True, constant_liar=True, seed=seed, n_startup_trials=10
+        multivariate=True, group=True, constant_liar=True, seed=seed, n_startup_trials=startup
     )
 
 
