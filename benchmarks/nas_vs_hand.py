@@ -27,7 +27,7 @@ import optuna
 import torch
 
 from benchmarks.machine import result_path, save
-from models import count_params
+from models import ArchSpec, count_params
 from models.presets import preset
 from search.data import Dataset, load_dataset, search_split
 from search.final import mean_sd, run_once
@@ -61,13 +61,23 @@ def training(cfg: TrainConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "images")}
 
 
-def load_runs(epochs: int) -> list[dict]:
-    """Runs saved by an earlier invocation with the same final training length."""
+Design = tuple[ArchSpec, TrainConfig]
+
+
+def load_runs(epochs: int, designs: dict[str, Design]) -> list[dict]:
+    """Runs saved by an earlier invocation with the same final training length; a run
+    of a design about to train counts only if it trained the same network and settings
+    (a winner run: the winner of this study)."""
     path = result_path("nas_vs_hand")
-    if not path.exists():
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if saved.get("epochs") != epochs:
         return []
-    saved = json.loads(path.read_text())
-    return saved.get("runs", []) if saved.get("epochs") == epochs else []
+    same = {name: (spec.to_dict(), training(cfg)) for name, (spec, cfg) in designs.items()}
+    return [
+        r
+        for r in saved.get("runs", [])
+        if r["design"] not in same or (r["architecture"], r["training"]) == same[r["design"]]
+    ]
 
 
 def summarize(runs: list[dict]) -> dict[str, dict]:
@@ -96,7 +106,9 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     ds = load_dataset("fashion-mnist")
     shape = (ds.channels, ds.size, ds.num_classes)
-    designs = {name: (preset(name, *shape), TrainConfig()) for name in args.designs if name in HAND}
+    designs: dict[str, Design] = {
+        name: (preset(name, *shape), TrainConfig()) for name in args.designs if name in HAND
+    }
     study_info = None
     if WINNER in args.designs:
         t0 = time.perf_counter()
@@ -113,14 +125,7 @@ def main() -> None:
             "search_seconds": time.perf_counter() - t0,
         }
         designs = {WINNER: (trial_arch(winner), trial_training(winner))} | designs
-    runs = load_runs(args.epochs) if args.resume else []
-    # A saved run counts only if it trained the same design (the winner of this study).
-    same = {name: (spec.to_dict(), training(cfg)) for name, (spec, cfg) in designs.items()}
-    runs = [
-        r
-        for r in runs
-        if r["design"] not in same or (r["architecture"], r["training"]) == same[r["design"]]
-    ]
+    runs = load_runs(args.epochs, designs) if args.resume else []
     done = {(r["design"], r["seed"]) for r in runs}
     device = torch.device("cpu")
     for name, (spec, cfg) in designs.items():

@@ -41,10 +41,10 @@ from search.profile import QUICK
 from search.records import counts, outcome
 from search.signals import Stop
 from search.slots import Slots
-from search.study import PRUNER_STARTUP, SAMPLER_STARTUP, make_pruner, make_sampler
+from search.study import PRUNER_STARTUP, PRUNERS, SAMPLER_STARTUP, make_pruner, make_sampler
 from search.worker import Search, run_worker
 
-PRUNER_KINDS = ("median", "percentile", "halving", "hyperband")
+PRUNER_KINDS = tuple(k for k in PRUNERS if k != "none")  # random search is the unpruned run
 METHOD = re.compile(rf"random|tpe(\d*)\+({'|'.join(PRUNER_KINDS)})(?::(\d+))?")
 Curve = list[tuple[float, float]]  # (elapsed seconds, best validation accuracy so far)
 
@@ -66,15 +66,15 @@ def run_one(method: str, seed: int, seconds: float, search: Search) -> dict:
 
     def record(_st: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
         nonlocal best
-        if outcome(t) in ("complete", "pruned"):
-            last = max(t.intermediate_values, default=0)
+        now, how = time.perf_counter() - start, outcome(t)
+        if how in ("complete", "pruned"):
+            last = max(t.intermediate_values, default=0)  # 0: diverged before the first rung
             acc = t.intermediate_values.get(last)
-            end = round(time.perf_counter() - start, 1)
             size = t.user_attrs.get("macs"), t.params.get("batch_size")
-            log.append([end, t.number, outcome(t), last, acc, *size])
-        if t.state == optuna.trial.TrialState.COMPLETE and t.value > best:
+            log.append([round(now, 1), t.number, how, last, acc, *size])
+        if how == "complete" and t.value > best:
             best = t.value
-            curve.append((time.perf_counter() - start, best))
+            curve.append((now, best))
 
     timer.start()
     try:
