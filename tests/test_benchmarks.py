@@ -1,0 +1,56 @@
+"""The benchmarks' own logic, where a figure depends on it (no training here)."""
+
+from __future__ import annotations
+
+import random
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from benchmarks.rung_ranking import from_rung, stop_rung
+
+RUNGS = [3000, 6000, 12000, 24000]  # a factor 2 apart, as the quick profile's
+
+
+@pytest.mark.parametrize(
+    ("rule", "pruner"),
+    [
+        ("median:1", optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)),
+        ("percentile:25:2", optuna.pruners.PercentilePruner(25.0, n_startup_trials=2)),
+        ("asha:2", optuna.pruners.SuccessiveHalvingPruner(min_resource=3000, reduction_factor=2)),
+    ],
+)
+def test_the_replay_stops_candidates_where_optunas_pruner_does(rule, pruner) -> None:
+    """The replayed time_ratio figures are only worth what this agreement is."""
+    rng = random.Random(0)
+    curves = [[rng.uniform(0.1, 0.9) for _ in RUNGS] for _ in range(60)]
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    seen: list[list[float]] = [[] for _ in RUNGS]
+    done: list[list[float]] = []
+    stops = []
+    for acc in curves:
+        trial = study.ask()
+        stop = len(acc) - 1
+        for i, (step, a) in enumerate(zip(RUNGS, acc, strict=True)):
+            trial.report(a, step)
+            if i < stop and trial.should_prune():  # the search never prunes the last rung
+                stop = i
+                break
+        if stop == len(acc) - 1:
+            study.tell(trial, acc[-1])
+        else:
+            study.tell(trial, state=TrialState.PRUNED)
+        expected = stop_rung(rule, acc, seen, done)
+        if expected == len(acc) - 1:
+            done.append(acc)
+        stops.append((stop, expected))
+    assert all(a == b for a, b in stops), stops
+    assert len({s for s, _ in stops}) > 1  # the rule pruned some and kept others
+
+
+def test_a_later_first_rung_drops_the_earlier_columns() -> None:
+    rows = [{"acc": [0.1, 0.2, 0.3, 0.4], "seconds": [1, 2, 4, 8], "batch": 64}]
+    assert from_rung(rows, [0.125, 0.25, 0.5, 1.0], 0.25) == [
+        {"acc": [0.2, 0.3, 0.4], "seconds": [2, 4, 8], "batch": 64}
+    ]
