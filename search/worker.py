@@ -222,7 +222,8 @@ def train_trial(
     def report(s: EvalStats) -> None:
         curve.append(s.val_acc)
         trial.report(s.val_acc, s.images)
-        if trial.should_prune():
+        # At the last rung the work is done: pruning it would only throw the result away.
+        if s.images < cfg.images and trial.should_prune():
             raise optuna.TrialPruned(
                 f"{type(trial.study.pruner).__name__} at {s.images:,} images: "
                 f"validation accuracy {s.val_acc:.4f}"

@@ -177,6 +177,24 @@ def test_clearly_worse_trial_is_pruned_after_the_startup_trials(kind, rule) -> N
     assert list(study.trials[2].intermediate_values) == [512]
 
 
+class PruneAll(optuna.pruners.BasePruner):
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return True
+
+
+def test_the_last_rung_is_never_pruned_since_the_work_is_done() -> None:
+    search = small_search()
+    study = optuna.create_study(direction="maximize", pruner=PruneAll())
+    study.enqueue_trial(space.preset_params(preset("resnet-tiny"), search.limits))
+    loop(study, search, trials=1)
+    assert list(study.trials[0].intermediate_values) == [512]  # stopped at the first rung
+    search.profile = Profile("one rung", 1536, (1.0,), min_steps=8, batch_sizes=(64, 128))
+    study = optuna.create_study(direction="maximize", pruner=PruneAll())
+    loop(study, search, trials=1)
+    trained = [t for t in study.trials if is_trained(t)]
+    assert [t.state for t in trained] == [TrialState.COMPLETE]
+
+
 def test_every_preset_is_a_point_of_the_space() -> None:
     limits = Limits(10**12)
     for name in PRESETS:
