@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -188,9 +189,9 @@ def test_the_last_rung_is_never_pruned_since_the_work_is_done() -> None:
     study.enqueue_trial(space.preset_params(preset("resnet-tiny"), search.limits))
     loop(study, search, trials=1)
     assert list(study.trials[0].intermediate_values) == [512]  # stopped at the first rung
-    search.profile = Profile("one rung", 1536, (1.0,), min_steps=8, batch_sizes=(64, 128))
+    one_rung = Profile("one rung", 1536, (1.0,), min_steps=8, batch_sizes=(64, 128))
     study = optuna.create_study(direction="maximize", pruner=PruneAll())
-    loop(study, search, trials=1)
+    loop(study, dataclasses.replace(search, profile=one_rung), trials=1)
     trained = [t for t in study.trials if is_trained(t)]
     assert [t.state for t in trained] == [TrialState.COMPLETE]
 
