@@ -179,6 +179,7 @@ def time_ratios(
     return {
         r: {
             "time_ratio": statistics.quantiles(ratios[r], n=4),
+            "p_time_ratio_at_most_half": statistics.mean(x <= 0.5 for x in ratios[r]),
             "final_best": statistics.quantiles(finals[r], n=4),
         }
         for r in rules
@@ -206,7 +207,8 @@ def main() -> None:
         for rule, q in replayed.items():
             r, f = q["time_ratio"], q["final_best"]
             print(
-                f"{rule:22s} time_ratio {r[0]:.2f} {r[1]:.2f} {r[2]:.2f}   "
+                f"{rule:22s} time_ratio {r[0]:.2f} {r[1]:.2f} {r[2]:.2f} "
+                f"(<= 0.5 in {q['p_time_ratio_at_most_half']:.0%})  "
                 f"final best {f[0]:.4f} {f[1]:.4f} {f[2]:.4f}"
             )
         return

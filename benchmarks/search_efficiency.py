@@ -11,13 +11,18 @@ the same device, once per seed:
 - random: RandomSampler, no pruning (the gate still skips over-limit candidates,
   since otherwise its best could be an invalid answer);
 - tpe+PRUNER: multivariate TPE (as search.run) with that pruner;
-  tpe+PRUNER:N: the median or percentile rule after N trials instead of 5;
+  tpe+PRUNER:N: the median or percentile rule after N completed trials instead of 1
+  (search.study.PRUNER_STARTUP; it was 5 until the 1/8 rung came);
   tpeK+PRUNER[:N]: TPE models after K trials (rejected ones count) instead of 10.
 
 Each run records its best validation accuracy over elapsed time. `time_ratio`
 of a method: the median over seeds of the time it needs to reach random
 search's median final best, divided by random search's own median time to
-reach it; a run that never reaches it counts as twice the wall clock.
+reach it; a run that never reaches it counts as twice the wall clock. The
+statistic is not 1 for a method as good as random search: the target is random
+search's own median, which another 5 runs of the same search reach in 3 of them
+only half the time; replayed (benchmarks/rung_ranking.py), random search against
+itself scores 1.81 in median (quartiles 0.86-2.59).
 Results are saved after every run; --resume skips the runs already saved.
 """
 
