@@ -104,6 +104,9 @@ def from_study(args: argparse.Namespace) -> tuple[dict[str, tuple[ArchSpec, Trai
         chosen = ranked(trials)[: args.top]
         if not chosen:
             raise StudyError(f"study {args.study_name!r} has no completed trial yet")
+        if len(chosen) < args.top:
+            n = len(chosen)
+            print(f"{args.study_name!r} has {n} completed trial(s), fewer than --top {args.top}")
     cands = {
         f"trial {t.number}": (trial_arch(t), with_flags(trial_training(t).to_dict(), args))
         for t in chosen
