@@ -21,8 +21,8 @@ search's median final best, divided by random search's own median time to
 reach it; a run that never reaches it counts as twice the wall clock. The
 statistic is not 1 for a method as good as random search: the target is random
 search's own median, which another 5 runs of the same search reach in 3 of them
-only half the time; replayed (benchmarks/rung_ranking.py), random search against
-itself scores 1.81 in median (quartiles 0.86-2.59).
+only half the time; `python -m benchmarks.rung_ranking --replay none` measures
+that null (README, Trials).
 Results are saved after every run; --resume skips the runs already saved.
 """
 

@@ -68,7 +68,8 @@ QUICK = Profile(
     name="quick",
     images=24_000,
     # A first look at 1/8 (3,000 images, ~2 s) ranks candidates as the end does with
-    # Spearman 0.82; screening there halves time_ratio (benchmarks/rung_ranking.py).
+    # Spearman 0.82; with random sampling, screening there halves time_ratio (replayed
+    # in benchmarks/rung_ranking.py, 0.502 live); with TPE live it did not (README, Trials).
     rungs=(0.125, 0.25, 0.5, 1.0),
     min_steps=250,
     batch_sizes=(32, 64, 96, 128),
