@@ -244,9 +244,11 @@ def interrupt_mid_trial(args: list[str], name: str, url: str, cwd, signum: int, 
     """Start a run, signal it while trials run; (rc, seconds to exit, out, err, trials)."""
     p = search(*args, cwd=cwd)
 
-    def busy():
-        c = counts(load(url, name))
-        return c["complete"] >= 1 and c["running"] >= workers and len(processes_of(name)) >= workers
+    def busy():  # a RUNNING trial without a slot is a candidate the gate is about to reject
+        trials = load(url, name)
+        training = [t for t in trials if t.state == TrialState.RUNNING and SLOT in t.user_attrs]
+        done = counts(trials)["complete"]
+        return done >= 1 and len(training) >= workers and len(processes_of(name)) >= workers
 
     wait_for(busy, f"{workers} running trial(s)", p, timeout=180)
     t0 = time.time()
