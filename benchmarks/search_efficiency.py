@@ -13,7 +13,8 @@ the same device, once per seed:
 - tpe+PRUNER: multivariate TPE (as search.run) with that pruner;
   tpe+PRUNER:N: the median or percentile rule after N completed trials instead of 1
   (search.study.PRUNER_STARTUP; it was 5 until the 1/8 rung came);
-  tpeK+PRUNER[:N]: TPE models after K trials (rejected ones count) instead of 10.
+  tpeK+PRUNER[:N]: TPE models after K trials (rejected ones count) instead of 10;
+  tpeKt+PRUNER[:N]: after K trained candidates (search.sampler.TrainedStartup).
 
 Each run records its best validation accuracy over elapsed time. `time_ratio`
 of a method: the median over seeds of the time it needs to reach random
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import re
 import statistics
 import threading
@@ -39,18 +39,19 @@ import time
 import optuna
 import torch
 
-from benchmarks.machine import result_path, save
+from benchmarks.machine import save, saved_for_resume
 from search.data import load_dataset, search_split
 from search.limits import Limits
 from search.profile import QUICK
 from search.records import counts, outcome
+from search.sampler import SAMPLER_STARTUP, make_sampler
 from search.signals import Stop
 from search.slots import Slots
-from search.study import PRUNER_STARTUP, PRUNERS, SAMPLER_STARTUP, make_pruner, make_sampler
+from search.study import PRUNER_STARTUP, PRUNERS, make_pruner
 from search.worker import Search, run_worker
 
 PRUNER_KINDS = tuple(k for k in PRUNERS if k != "none")  # random search is the unpruned run
-METHOD = re.compile(rf"random|tpe(\d*)\+({'|'.join(PRUNER_KINDS)})(?::(\d+))?")
+METHOD = re.compile(rf"random|tpe(\d*)(t?)\+({'|'.join(PRUNER_KINDS)})(?::(\d+))?")
 Curve = list[tuple[float, float]]  # (elapsed seconds, best validation accuracy so far)
 
 
@@ -60,9 +61,9 @@ def run_one(method: str, seed: int, seconds: float, search: Search) -> dict:
     if method == "random":
         sampler, pruner = optuna.samplers.RandomSampler, make_pruner("none", rungs)
     else:
-        tpe_startup, kind, pruner_startup = method_parts(method)
+        tpe_startup, trained_only, kind, pruner_startup = method_parts(method)
         pruner = make_pruner(kind, rungs, pruner_startup)
-        sampler = functools.partial(make_sampler, startup=tpe_startup)
+        sampler = functools.partial(make_sampler, startup=tpe_startup, trained_only=trained_only)
     study = optuna.create_study(direction="maximize", pruner=pruner)
     stop = Stop()
     timer = threading.Timer(seconds, stop.request)
@@ -108,17 +109,18 @@ def run_one(method: str, seed: int, seconds: float, search: Search) -> dict:
     }
 
 
-def method_parts(method: str) -> tuple[int, str, int]:
-    """tpeK+KIND:N -> (TPE startup K, pruner kind, pruner startup N), defaults filled."""
+def method_parts(method: str) -> tuple[int, bool, str, int]:
+    """tpeK[t]+KIND:N -> (TPE startup K, counted in trained candidates, pruner kind,
+    pruner startup N), defaults filled."""
     m = METHOD.fullmatch(method)
     assert m is not None and method != "random", method
-    return int(m[1] or SAMPLER_STARTUP), m[2], int(m[3] or PRUNER_STARTUP)
+    return int(m[1] or SAMPLER_STARTUP), m[2] == "t", m[3], int(m[4] or PRUNER_STARTUP)
 
 
 def method_name(text: str) -> str:
     if not METHOD.fullmatch(text):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: use random or tpe[K]+KIND[:N], KIND one of {', '.join(PRUNER_KINDS)}"
+            f"{text!r}: use random or tpe[K][t]+KIND[:N], KIND one of {', '.join(PRUNER_KINDS)}"
         )
     return text
 
@@ -177,8 +179,10 @@ def main() -> None:
     device = torch.device("cpu")
     ds = load_dataset("fashion-mnist", args.data_dir)
     data = search_split(ds, 0, QUICK.train_images, QUICK.val_images)
-    path = result_path("search_efficiency")
-    runs = json.loads(path.read_text())["runs"] if args.resume and path.exists() else []
+    try:
+        runs = saved_for_resume("search_efficiency").get("runs", []) if args.resume else []
+    except ValueError as e:
+        ap.error(str(e))
     done = {(r["method"], r["seed"]) for r in runs}
     print(f"{args.seconds:.0f} s per run, seeds {args.seeds}, on {device}", flush=True)
     for seed in args.seeds:

@@ -40,7 +40,6 @@ DEFAULT_PRUNER = "median"  # benchmarks/search_efficiency chose it (README, Tria
 # The median rule from the first completed trial on: replayed on 100 measured candidates
 # (benchmarks/rung_ranking.py), waiting for 5 costs most of what pruning saves.
 PRUNER_STARTUP = 1
-SAMPLER_STARTUP = 10
 SLOT = "slot"  # user attr: the trial holds one of the study's --trials training slots
 
 
@@ -123,18 +122,6 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFF_FFFF
 
 
-def make_sampler(seed: int | None, startup: int = SAMPLER_STARTUP) -> optuna.samplers.TPESampler:
-    """`startup`: random trials before TPE models; rejected candidates count, since TPE
-    counts PRUNED trials.
-
-    constant_liar: parallel workers see running trials as bad, so they spread out;
-    group: the per-stage parameters exist only for some stage counts.
-    """
-    return optuna.samplers.TPESampler(
-        multivariate=True, group=True, constant_liar=True, seed=seed, n_startup_trials=startup
-    )
-
-
 def make_pruner(
     kind: str, rung_images: list[int], startup: int = PRUNER_STARTUP
 ) -> optuna.pruners.BasePruner:
@@ -172,10 +159,11 @@ def open_study(
 ) -> optuna.Study:
     """Create or resume (`create=True`), or load an existing study (`create=False`).
 
-    The sampler is a placeholder until the worker claims its number (`join`).
+    The sampler is a placeholder: a worker sets its own (search.sampler) once it has
+    claimed its number (`join`); reading a study samples nothing.
     """
     storage = make_storage(url, heartbeat=heartbeat)
-    kwargs = {"storage": storage, "study_name": name, "sampler": make_sampler(None)}
+    kwargs = {"storage": storage, "study_name": name, "sampler": optuna.samplers.RandomSampler()}
     if pruner is not None:
         kwargs["pruner"] = pruner
     try:

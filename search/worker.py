@@ -28,9 +28,10 @@ from search.env import device_name
 from search.limits import Limits, over
 from search.profile import Profile
 from search.records import attach, trial_arch, trial_training
+from search.sampler import make_sampler
 from search.signals import Stop
 from search.slots import Slots, this_process
-from search.study import derived_seed, heartbeat, join, make_sampler
+from search.study import derived_seed, heartbeat, join
 from search.trainer import (
     EvalStats,
     OutOfMemory,

@@ -22,6 +22,7 @@ from search.data import search_split, synthetic
 from search.limits import Limits
 from search.profile import Profile
 from search.records import counts, trial_arch
+from search.sampler import make_sampler
 from search.signals import Stop
 from search.slots import Slots, is_trained
 from search.study import make_pruner, open_study
@@ -145,6 +146,33 @@ def test_the_space_rarely_proposes_what_cannot_fit() -> None:
     }
     widest = space.widest(lambda w: space._with_width(params, tiny, w), limits)
     assert reached == set(range(space.WIDTH_MIN, widest + 1, space.WIDTH_STEP))
+
+
+def test_a_trained_startup_is_not_shortened_by_rejected_candidates() -> None:
+    """With `trained_only`, until `startup` candidates were trained the sampler draws
+    exactly what RandomSampler draws, however many were rejected; after, TPE."""
+
+    def draws(sampler: optuna.samplers.BaseSampler, n: int, rejected: set[int]) -> list[float]:
+        study = optuna.create_study(sampler=sampler)
+        out = []
+        for i in range(n):
+            trial = study.ask()
+            out.append(trial.suggest_float("x", 0.0, 1.0))
+            if i in rejected:  # the gate's way: marked, told PRUNED, no intermediate value
+                trial.set_user_attr("rejected", "over the limit")
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                study.tell(trial, (out[-1] - 0.3) ** 2)
+        return out
+
+    rejected = set(range(0, 24, 2))  # every other of the first 24: 12 trained by then
+    ours = draws(make_sampler(7, startup=12, trained_only=True), 40, rejected)
+    plain = draws(optuna.samplers.RandomSampler(seed=7), 40, rejected)
+    assert ours[:24] == plain[:24]  # 24 asks, 12 trained: still random
+    assert ours[24:] != plain[24:]
+    # The default, Optuna's count: TPE from the 12th ask, after 6 trained candidates.
+    default = draws(make_sampler(7, startup=12), 40, rejected)
+    assert default[:12] == plain[:12] and default[12:24] != plain[12:24]
 
 
 def test_batch_sizes_fit_the_trial_length_and_the_print_says_what_they_give() -> None:
