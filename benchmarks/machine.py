@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -33,12 +34,53 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    else:
+        info["isa"] = torch.backends.cpu.get_cpu_capability()
+        info["trial_images_per_s"] = round(trial_speed())
     return info
+
+
+@functools.cache
+def trial_speed() -> float:
+    """Training images/s of this project's trainer on the CPU: resnet-tiny, 28 px, batch 64,
+    the stuff of a quick trial (about 7 s). Two VMs that both say "AMD EPYC" trained 4x
+    apart (2026-11-29), so the model name cannot tell whether timings compare."""
+    from models.presets import preset
+    from search.trainer import TrainConfig, train
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (1024, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (1024,), generator=gen)
+    cfg = TrainConfig(images=2048, batch_size=64, lr=0.05)
+    res = train(preset("resnet-tiny", 1, 28), cfg, x, y, mean=(0.5,), std=(0.25,), rungs=(0.5, 1))
+    return res.history[-1].images_per_s  # the second epoch: warmed up
+
+
+def comparable(saved: dict[str, Any], device: str = "cpu", tolerance: float = 0.25) -> str | None:
+    """Why timings saved on the `saved` machine must not be mixed with new ones; None if
+    they may (same device kind, trial speed within `tolerance`)."""
+    here = machine(device)
+    if saved.get("gpu") != here.get("gpu"):
+        return (
+            f"they ran on {saved.get('gpu', 'the CPU')}, this run on {here.get('gpu', 'the CPU')}"
+        )
+    if "gpu" in here:
+        return None
+    if "trial_images_per_s" not in saved:
+        return "the saved runs predate the record of their machine's trial speed"
+    ratio = here["trial_images_per_s"] / saved["trial_images_per_s"]
+    if abs(ratio - 1) > tolerance:
+        return (
+            f"the saved runs' machine trained {saved['trial_images_per_s']} images/s, this one "
+            f"{here['trial_images_per_s']} ({ratio:.2f}x), so their times do not compare"
+        )
+    return None
 
 
 def result_path(name: str, device: str = "cpu") -> Path:
     """results/<name>-<device kind>.json: where `save` writes and a --resume reads."""
-    tag = machine(device).get("gpu", "cpu").lower().replace(" ", "-")
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+    tag = gpu.lower().replace(" ", "-")
     return RESULTS / f"{name}-{tag}.json"
 
 
@@ -54,3 +96,19 @@ def save(name: str, result: dict[str, Any], device: str = "cpu") -> Path:
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def saved_for_resume(name: str, device: str = "cpu") -> dict[str, Any]:
+    """The saved result that a --resume extends ({} when none). ValueError when its
+    timings would not compare with this machine's."""
+    path = result_path(name, device)
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    why = comparable(saved.get("machine", {}), device)
+    if why:
+        raise ValueError(
+            f"cannot --resume {path}: {why}. Resume on a machine like theirs, or run without "
+            "--resume, which overwrites that file (copy it first to keep its runs)"
+        )
+    return saved

@@ -28,7 +28,7 @@ from dataclasses import replace
 import optuna
 import torch
 
-from benchmarks.machine import result_path, save
+from benchmarks.machine import result_path, save, saved_for_resume
 from benchmarks.search_efficiency import time_to
 from benchmarks.trial_recipe import spearman
 from search import space
@@ -212,14 +212,16 @@ def main() -> None:
                 f"final best {f[0]:.4f} {f[1]:.4f} {f[2]:.4f}"
             )
         return
+    try:
+        rows: list[Row] = saved_for_resume("rung_ranking").get("rows", []) if args.resume else []
+    except ValueError as e:
+        ap.error(str(e))
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     profile = replace(QUICK, rungs=tuple(args.rungs))
     data = search_split(
         load_dataset("fashion-mnist", args.data_dir), 0, QUICK.train_images, QUICK.val_images
     )
     search = Search(data, Limits(5_000_000, QUICK.max_macs), profile, 0, torch.device("cpu"))
-    path = result_path("rung_ranking")
-    rows: list[Row] = json.loads(path.read_text())["rows"] if args.resume and path.exists() else []
     for trial, rejected in draw(search, args.candidates, args.seed)[len(rows) :]:
         rows.append(measure(search, trial, rejected))
         r = rows[-1]

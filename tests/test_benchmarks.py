@@ -54,3 +54,17 @@ def test_a_later_first_rung_drops_the_earlier_columns() -> None:
     assert from_rung(rows, [0.125, 0.25, 0.5, 1.0], 0.25) == [
         {"acc": [0.2, 0.3, 0.4], "seconds": [2, 4, 8], "batch": 64}
     ]
+
+
+def test_resume_refuses_timings_from_a_machine_of_another_speed(monkeypatch) -> None:
+    """Two VMs both called "AMD EPYC" trained 4x apart; a --resume must not mix them."""
+    from benchmarks import machine as m
+
+    monkeypatch.setattr(m, "trial_speed", lambda: 300.0)
+    here = m.machine("cpu")
+    assert m.comparable(here) is None
+    assert m.comparable(here | {"trial_images_per_s": 340}) is None  # within 25%
+    assert "4.00x" in m.comparable(here | {"trial_images_per_s": 75})
+    old = {k: v for k, v in here.items() if k != "trial_images_per_s"}
+    assert "do not record" in m.comparable(old)
+    assert "GPU X" in m.comparable(here | {"gpu": "GPU X"})
