@@ -2,6 +2,7 @@
 
 python -m benchmarks.search_efficiency [--seconds 240] [--seeds 0 1 2 3 4]
     [--methods random tpe+median tpe+percentile tpe+halving tpe+hyperband] [--resume]
+    [--name search_efficiency]
 
 Every method runs the real search loop (search.worker.run_worker: the same
 space, budget gate and trial profile) on the quick profile's Fashion-MNIST
@@ -172,6 +173,9 @@ def main() -> None:
     )
     ap.add_argument("--resume", action="store_true", help="keep the runs already saved")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument(
+        "--name", default="search_efficiency", help="results file: benchmarks/results/NAME-cpu.json"
+    )
     args = ap.parse_args()
     if "random" not in args.methods:
         ap.error("random is the baseline: include it in --methods")
@@ -180,7 +184,7 @@ def main() -> None:
     ds = load_dataset("fashion-mnist", args.data_dir)
     data = search_split(ds, 0, QUICK.train_images, QUICK.val_images)
     try:
-        runs = saved_for_resume("search_efficiency").get("runs", []) if args.resume else []
+        runs = saved_for_resume(args.name).get("runs", []) if args.resume else []
     except ValueError as e:
         ap.error(str(e))
     done = {(r["method"], r["seed"]) for r in runs}
@@ -191,7 +195,7 @@ def main() -> None:
             if (method, seed) not in done:
                 runs.append(run_one(method, seed, args.seconds, search))
                 record = {"seconds_per_run": args.seconds, "seeds": args.seeds, "runs": runs}
-                save("search_efficiency", record | {"profile": QUICK.to_dict()}, "cpu")
+                save(args.name, record | {"profile": QUICK.to_dict()}, "cpu")
     # Every saved run counts (a later --resume may add seeds for some methods only);
     # the pruners are also compared on the seeds that every method ran.
     methods = list(dict.fromkeys(r["method"] for r in runs))  # in the order they first ran
@@ -215,7 +219,7 @@ def main() -> None:
         "summary_on_common_seeds": on_common,
         "runs": runs,
     }
-    print(f"wrote {save('search_efficiency', result, 'cpu')}")
+    print(f"wrote {save(args.name, result, 'cpu')}")
 
 
 if __name__ == "__main__":
