@@ -32,12 +32,16 @@ def machine(device: str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "device": device,
     }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    if gpu := gpu_name(device):
+        info["gpu"] = gpu
     else:
         info["isa"] = torch.backends.cpu.get_cpu_capability()
         info["trial_images_per_s"] = round(trial_speed())
     return info
+
+
+def gpu_name(device: str) -> str | None:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
 
 
 @functools.cache
@@ -79,8 +83,7 @@ def comparable(saved: dict[str, Any], device: str = "cpu", tolerance: float = 0.
 
 def result_path(name: str, device: str = "cpu") -> Path:
     """results/<name>-<device kind>.json: where `save` writes and a --resume reads."""
-    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
-    tag = gpu.lower().replace(" ", "-")
+    tag = (gpu_name(device) or "cpu").lower().replace(" ", "-")
     return RESULTS / f"{name}-{tag}.json"
 
 
