@@ -183,14 +183,7 @@ def test_a_killed_workers_trial_is_failed_and_retried(pg_url, study_name, tmp_pa
     args += ["--heartbeat", "1", "--grace", "4"]
     victim = search(*args, cwd=tmp_path)
 
-    def running():
-        return [
-            t
-            for t in load(pg_url, study_name)
-            if t.state == TrialState.RUNNING and SLOT in t.user_attrs
-        ]
-
-    killed = wait_for(running, "running trial", victim)[0].number
+    killed = wait_for(lambda: training(load(pg_url, study_name)), "running trial", victim)[0].number
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
     # Pretend the dead worker ran on another machine: only the heartbeat can tell.
@@ -222,11 +215,7 @@ def test_a_dead_process_on_this_host_is_retried_at_once(study_name, tmp_path) ->
     args += ["--grace", "600"]
     victim = search(*args, cwd=tmp_path)
 
-    def running():
-        trials = load(url, study_name)
-        return [t for t in trials if t.state == TrialState.RUNNING and SLOT in t.user_attrs]
-
-    killed = wait_for(running, "running trial", victim)[0].number
+    killed = wait_for(lambda: training(load(url, study_name)), "running trial", victim)[0].number
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
     start = time.time()
@@ -240,15 +229,19 @@ def test_a_dead_process_on_this_host_is_retried_at_once(study_name, tmp_path) ->
     assert time.time() - start < 300
 
 
+def training(trials: list) -> list:
+    """RUNNING trials that hold a slot; one without is a candidate the gate will reject."""
+    return [t for t in trials if t.state == TrialState.RUNNING and SLOT in t.user_attrs]
+
+
 def interrupt_mid_trial(args: list[str], name: str, url: str, cwd, signum: int, workers: int):
     """Start a run, signal it while trials run; (rc, seconds to exit, out, err, trials)."""
     p = search(*args, cwd=cwd)
 
-    def busy():  # a RUNNING trial without a slot is a candidate the gate is about to reject
+    def busy():
         trials = load(url, name)
-        training = [t for t in trials if t.state == TrialState.RUNNING and SLOT in t.user_attrs]
         done = counts(trials)["complete"]
-        return done >= 1 and len(training) >= workers and len(processes_of(name)) >= workers
+        return done >= 1 and len(training(trials)) >= workers and len(processes_of(name)) >= workers
 
     wait_for(busy, f"{workers} running trial(s)", p, timeout=180)
     t0 = time.time()
