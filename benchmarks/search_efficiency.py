@@ -1,7 +1,7 @@
 """Does the search beat random search for the same wall clock? And which pruner?
 
 python -m benchmarks.search_efficiency [--seconds 240] [--seeds 0 1 2 3 4]
-    [--methods random tpe+median tpe+percentile tpe+halving tpe+hyperband] [--resume]
+    [--methods random tpe10t+median tpe10t+percentile tpe10t+halving] [--resume]
     [--name search_efficiency]
 
 Every method runs the real search loop (search.worker.run_worker: the same
@@ -11,11 +11,13 @@ the same device, once per seed:
 
 - random: RandomSampler, no pruning (the gate still skips over-limit candidates,
   since otherwise its best could be an invalid answer);
-- tpe+PRUNER: multivariate TPE (as search.run) with that pruner;
+- tpe+PRUNER: multivariate TPE with that pruner, modelling after 10 trials
+  (Optuna's count: rejected ones count; search.run's default until 2026-11-29);
   tpe+PRUNER:N: the median or percentile rule after N completed trials instead of 1
   (search.study.PRUNER_STARTUP; it was 5 until the 1/8 rung came);
-  tpeK+PRUNER[:N]: TPE models after K trials (rejected ones count) instead of 10;
+  tpeK+PRUNER[:N]: TPE models after K trials instead of 10;
   tpeKt+PRUNER[:N]: after K trained candidates (search.sampler.TrainedStartup).
+  search.run's default is tpe10t+median:1. (Saved names keep their meaning.)
 
 Each run records its best validation accuracy over elapsed time. `time_ratio`
 of a method: the median over seeds of the time it needs to reach random
@@ -169,7 +171,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=240, help="wall clock per run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument(
-        "--methods", nargs="+", default=["random", "tpe+median"], type=method_name, metavar="M"
+        "--methods", nargs="+", default=["random", "tpe10t+median"], type=method_name, metavar="M"
     )
     ap.add_argument("--resume", action="store_true", help="keep the runs already saved")
     ap.add_argument("--data-dir", default=None)

@@ -5,10 +5,11 @@ counts); constant_liar, so parallel workers see running trials as bad and spread
 
 Optuna's TPESampler counts its random start in trials, and a candidate the budget
 gate rejects is a trial too (told PRUNED, with its constraints). About three of four
-random candidates are rejected, so the default 10-trial start has TPE modelling from
-2 or 3 trained candidates (README, Trials). `TrainedStartup` counts trained ones
-instead; it is not the default until a live benchmark says it is better
-(`python -m benchmarks.search_efficiency --methods random tpe+median:1 tpe10t+median:1`).
+random candidates are rejected, so a 10-trial start has TPE modelling from 2 or 3
+trained candidates. `TrainedStartup`, the default, counts trained ones instead: live,
+it reached random search's median final best in 0.35 of random search's time where
+Optuna's count took 1.22 (5 seeds, 300 s each; README, Trials;
+`python -m benchmarks.search_efficiency --methods random tpe+median:1 tpe10t+median:1`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.slots import is_trained
 
-SAMPLER_STARTUP = 10  # trials before TPE models: Optuna's own default
+SAMPLER_STARTUP = 10  # trained candidates before TPE models (Optuna's default count)
 
 
 class TrainedStartup(optuna.samplers.BaseSampler):
@@ -87,7 +88,8 @@ def tpe(seed: int | None, startup: int = SAMPLER_STARTUP) -> optuna.samplers.TPE
 
 
 def make_sampler(
-    seed: int | None, startup: int = SAMPLER_STARTUP, trained_only: bool = False
+    seed: int | None, startup: int = SAMPLER_STARTUP, trained_only: bool = True
 ) -> optuna.samplers.BaseSampler:
-    """`startup`: trials before TPE models, rejected ones included unless `trained_only`."""
+    """`startup`: trained candidates before TPE models; with `trained_only=False`,
+    Optuna's count: trials, rejected ones included."""
     return TrainedStartup(seed, startup) if trained_only else tpe(seed, startup)

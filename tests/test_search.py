@@ -149,8 +149,8 @@ def test_the_space_rarely_proposes_what_cannot_fit() -> None:
 
 
 def test_a_trained_startup_is_not_shortened_by_rejected_candidates() -> None:
-    """With `trained_only`, until `startup` candidates were trained the sampler draws
-    exactly what RandomSampler draws, however many were rejected; after, TPE."""
+    """By default, until `startup` candidates were trained the sampler draws exactly
+    what RandomSampler draws, however many were rejected; after, TPE."""
 
     def draws(sampler: optuna.samplers.BaseSampler, n: int, rejected: set[int]) -> list[float]:
         study = optuna.create_study(sampler=sampler)
@@ -166,13 +166,13 @@ def test_a_trained_startup_is_not_shortened_by_rejected_candidates() -> None:
         return out
 
     rejected = set(range(0, 24, 2))  # every other of the first 24: 12 trained by then
-    ours = draws(make_sampler(7, startup=12, trained_only=True), 40, rejected)
+    ours = draws(make_sampler(7, startup=12), 40, rejected)
     plain = draws(optuna.samplers.RandomSampler(seed=7), 40, rejected)
     assert ours[:24] == plain[:24]  # 24 asks, 12 trained: still random
     assert ours[24:] != plain[24:]
-    # The default, Optuna's count: TPE from the 12th ask, after 6 trained candidates.
-    default = draws(make_sampler(7, startup=12), 40, rejected)
-    assert default[:12] == plain[:12] and default[12:24] != plain[12:24]
+    # Optuna's count: TPE from the 12th ask, after 6 trained candidates.
+    asks = draws(make_sampler(7, startup=12, trained_only=False), 40, rejected)
+    assert asks[:12] == plain[:12] and asks[12:24] != plain[12:24]
 
 
 def test_batch_sizes_fit_the_trial_length_and_the_print_says_what_they_give() -> None:
