@@ -1,7 +1,7 @@
 """Does the search beat random search for the same wall clock? And which pruner?
 
 python -m benchmarks.search_efficiency [--seconds 240] [--seeds 0 1 2 3 4]
-    [--methods random tpe10t+median tpe10t+percentile tpe10t+halving] [--resume]
+    [--methods random tpe10t+median:1 tpe10t+percentile:1 tpe10t+halving] [--resume]
     [--name search_efficiency]
 
 Every method runs the real search loop (search.worker.run_worker: the same
@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=240, help="wall clock per run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument(
-        "--methods", nargs="+", default=["random", "tpe10t+median"], type=method_name, metavar="M"
+        "--methods", nargs="+", default=["random", "tpe10t+median:1"], type=method_name, metavar="M"
     )
     ap.add_argument("--resume", action="store_true", help="keep the runs already saved")
     ap.add_argument("--data-dir", default=None)

@@ -9,7 +9,8 @@ random candidates are rejected, so a 10-trial start has TPE modelling from 2 or 
 trained candidates. `TrainedStartup`, the default, counts trained ones instead: live,
 it reached random search's median final best in 0.35 of random search's time where
 Optuna's count took 1.22 (5 seeds, 300 s each; README, Trials;
-`python -m benchmarks.search_efficiency --methods random tpe+median:1 tpe10t+median:1`).
+`python -m benchmarks.search_efficiency --seconds 300 --methods random tpe+median:1
+tpe10t+median:1`).
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.slots import is_trained
 
-SAMPLER_STARTUP = 10  # trained candidates before TPE models (Optuna's default count)
+SAMPLER_STARTUP = 10  # trained candidates before TPE models (Optuna's default number)
 
 
 class TrainedStartup(optuna.samplers.BaseSampler):
     """RandomSampler until `startup` candidates were trained, then TPE; rejected ones
     still teach TPE then, as infeasible trials. One instance per worker, which asks
     one trial at a time. (With the hyperband pruner Optuna shows the sampler one
-    bracket's trials, so the start is counted per bracket.)
+    bracket's trials, so it counts that bracket's; once one bracket has `startup`,
+    this worker stays on TPE.)
     """
 
     def __init__(self, seed: int | None, startup: int = SAMPLER_STARTUP) -> None:
