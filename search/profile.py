@@ -69,8 +69,8 @@ QUICK = Profile(
     images=24_000,
     # A first look at 1/8 (3,000 images, ~2 s) ranks candidates as the end does with
     # Spearman 0.82; with random sampling, screening there halves time_ratio (replayed
-    # in benchmarks/rung_ranking.py, 0.502 live); with TPE after 10 asks live it did not
-    # (1.12-1.22), with TPE after 10 trained candidates (the default) 0.35 (README, Trials).
+    # in benchmarks/rung_ranking.py, 0.502 live); with TPE, only once its random start
+    # counted trained candidates (search/sampler.py; README, Trials).
     rungs=(0.125, 0.25, 0.5, 1.0),
     min_steps=250,
     batch_sizes=(32, 64, 96, 128),

@@ -6,11 +6,9 @@ counts); constant_liar, so parallel workers see running trials as bad and spread
 Optuna's TPESampler counts its random start in trials, and a candidate the budget
 gate rejects is a trial too (told PRUNED, with its constraints). About three of four
 random candidates are rejected, so a 10-trial start has TPE modelling from 2 or 3
-trained candidates. `TrainedStartup`, the default, counts trained ones instead: live,
-it reached random search's median final best in 0.35 of random search's time where
-Optuna's count took 1.22 (5 seeds, 300 s each; README, Trials;
-`python -m benchmarks.search_efficiency --seconds 300 --methods random tpe+median:1
-tpe10t+median:1`).
+trained candidates. `TrainedStartup`, the default, counts trained ones instead; the
+live benchmark that chose it, and its figures, are in README, Trials
+(`python -m benchmarks.search_efficiency --methods random tpe+median:1 tpe10t+median:1`).
 """
 
 from __future__ import annotations
