@@ -110,8 +110,8 @@ class Progress:
         self.target, self.last = target, 0.0
 
     def show(self, study: optuna.Study, *_: object, every_s: float = 0.0) -> None:
-        if time.monotonic() - self.last < every_s:
-            return
+        if self.bar.disable or time.monotonic() - self.last < every_s:
+            return  # reading the study is not free: only for a bar someone sees
         self.last = time.monotonic()
         trials = study.get_trials(deepcopy=False)
         c, best = counts(trials), next(iter(ranked(trials)), None)

@@ -74,16 +74,18 @@ def start(n: int, argv: list[str], url: str, log_dir: Path, gpus: int) -> list[s
 def follow(procs: list[subprocess.Popen], stop: Stop, tick: Callable[[], None]) -> list[int]:
     """Wait for every worker, calling `tick` about once a second; pass a stop on.
 
-    Returns their exit codes. A second Ctrl-C is passed on as well, which
-    stops the workers at once.
+    A stop reaches the workers from the signal handler itself, not after the
+    next tick (which reads the study): a trial that ends meanwhile is one the
+    signal did not stop. A second Ctrl-C is passed on as well, which stops the
+    workers at once. Returns their exit codes.
     """
-    passed_on_at: float | None = None
+    stop.listeners.append(lambda signum: _signal_all(procs, signum))
+    if stop():  # asked before the workers started
+        _signal_all(procs, stop.signum or signal.SIGTERM)
     while any(p.poll() is None for p in procs):
         try:
-            if stop() and passed_on_at is None:
-                _signal_all(procs, stop.signum or signal.SIGTERM)
-                passed_on_at = time.monotonic()
-            if passed_on_at is not None and time.monotonic() - passed_on_at > KILL_AFTER_S:
+            since = stop.requested_at
+            if since is not None and time.monotonic() - since > KILL_AFTER_S:
                 _signal_all(procs, signal.SIGKILL)
             tick()
             time.sleep(0.5)

@@ -12,12 +12,15 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 
 class Stop:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.signum: int | None = None
+        self.requested_at: float | None = None  # time.monotonic() of the first request
+        self.listeners: list[Callable[[int], None]] = []  # told at once, from the handler
 
     def install(self) -> Stop:
         """Handle SIGINT and SIGTERM in this (main) thread from now on."""
@@ -31,9 +34,13 @@ class Stop:
         self.request(signum)
 
     def request(self, signum: int = signal.SIGTERM) -> None:
-        if self.signum is None:
-            self.signum = signum
+        first = self.signum is None
+        if first:
+            self.signum, self.requested_at = signum, time.monotonic()
         self.event.set()
+        if first:
+            for listener in self.listeners:
+                listener(signum)
 
     def __call__(self) -> bool:
         """True once a stop was asked for."""

@@ -46,7 +46,8 @@ TINY = [
     "--no-progress",
 ]
 # Trials of a few seconds, so that a signal lands in the middle of one.
-SLOW = [*TINY, "--train-images", "512", "--trial-images", "6000"]
+SLOW_IMAGES = 6000
+SLOW = [*TINY, "--train-images", "512", "--trial-images", str(SLOW_IMAGES)]
 
 
 @pytest.fixture
@@ -239,9 +240,13 @@ def interrupt_mid_trial(args: list[str], name: str, url: str, cwd, signum: int, 
     p = search(*args, cwd=cwd)
 
     def busy():
+        """Every worker training a candidate with at least half its images to go:
+        seconds left, so that the signal stops it rather than its end."""
         trials = load(url, name)
+        half = SLOW_IMAGES / 2
+        early = [t for t in training(trials) if max(t.intermediate_values, default=0) < half]
         done = counts(trials)["complete"]
-        return done >= 1 and len(training(trials)) >= workers and len(processes_of(name)) >= workers
+        return done >= 1 and len(early) >= workers and len(processes_of(name)) >= workers
 
     wait_for(busy, f"{workers} running trial(s)", p, timeout=180)
     t0 = time.time()
