@@ -2,7 +2,7 @@
 
 python -m benchmarks.search_efficiency [--seconds 240] [--seeds 0 1 2 3 4]
     [--methods random tpe10t+median:1 tpe10t+percentile:1 tpe10t+halving] [--resume]
-    [--name search_efficiency]
+    [--name search_efficiency] [--summarize-only]
 
 Every method runs the real search loop (search.worker.run_worker: the same
 space, budget gate and trial profile) on the quick profile's Fashion-MNIST
@@ -22,10 +22,11 @@ the same device, once per seed:
 Each run records its best validation accuracy over elapsed time. `time_ratio`
 of a method: the median over seeds of the time it needs to reach random
 search's median final best, divided by random search's own median time to
-reach it; a run that never reaches it counts as twice the wall clock. The
-statistic is not 1 for a method as good as random search: the target is random
-search's own median, which another 5 runs of the same search reach in 3 of them
-only half the time; `python -m benchmarks.rung_ranking --replay none` measures
+reach it, both on the seeds that the method and random search ran; a run
+that never reaches it counts as twice the wall clock. The statistic is not 1
+for a method as good as random search: the target is random search's own
+median, which another 5 runs of the same search reach in 3 of them only half
+the time; `python -m benchmarks.rung_ranking --replay none` measures
 that null (README, Trials).
 Results are saved after every run; --resume skips the runs already saved.
 """
@@ -34,15 +35,17 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import re
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import optuna
 import torch
 
-from benchmarks.machine import save, saved_for_resume
+from benchmarks.machine import result_path, save, saved_for_resume
 from search.data import load_dataset, search_split
 from search.limits import Limits
 from search.profile import QUICK
@@ -133,25 +136,36 @@ def time_to(curve: Curve, target: float, never: float) -> float:
 
 
 def summarize(runs: list[dict], seconds: float) -> dict:
-    """Final bests per method and time_ratio against random search."""
-    by = {}
+    """Final bests per method and time_ratio against random search.
+
+    Each method is scored on the seeds it shares with random search, against
+    random search's median final best on those seeds: a --resume that adds
+    seeds for some methods only never compares a 5-seed run with a 10-seed target.
+    """
+    by: dict[str, dict[int, dict]] = {}
     for r in runs:
-        by.setdefault(r["method"], []).append(r)
-    target = statistics.median(r["final_best"] for r in by["random"])
+        by.setdefault(r["method"], {})[r["seed"]] = r
     never = 2 * seconds
-
-    def median_time(method: str) -> float:
-        return statistics.median(time_to(r["curve"], target, never) for r in by[method])
-
-    random_time = median_time("random")
-    out = {"random_median_final_best": target, "random_median_seconds": random_time}
-    for method, rs in by.items():
+    out = {
+        "random_seeds": sorted(by["random"]),
+        "random_median_final_best": statistics.median(
+            r["final_best"] for r in by["random"].values()
+        ),
+    }
+    for method, of_seed in by.items():
+        seeds = sorted(set(of_seed) & set(by["random"]))
+        baseline = [by["random"][s] for s in seeds]
+        target = statistics.median(r["final_best"] for r in baseline)
+        random_time = statistics.median(time_to(r["curve"], target, never) for r in baseline)
+        rs = [of_seed[s] for s in seeds]
         times = [time_to(r["curve"], target, never) for r in rs]
         out[method] = {
-            "seeds": [r["seed"] for r in rs],
+            "seeds": seeds,
+            "target": target,  # random search's median final best on these seeds
+            "random_seconds_to_target": random_time,
             "final_best": [r["final_best"] for r in rs],
             "median_final_best": statistics.median(r["final_best"] for r in rs),
-            "seconds_to_random_median_final_best": times,
+            "seconds_to_target": times,
             "time_ratio": statistics.median(times) / random_time,
             "trained": [r["counts"]["trained"] for r in rs],
             "rejected_fraction_first_20": [r["rejected_fraction_first_20"] for r in rs],
@@ -159,11 +173,50 @@ def summarize(runs: list[dict], seconds: float) -> dict:
         }
         m = out[method]
         print(
-            f"{method:15s} final best {', '.join(f'{f:.4f}' for f in m['final_best'])} "
+            f"{method:15s} {len(seeds)} seeds: final best "
+            f"{', '.join(f'{f:.4f}' for f in m['final_best'])} "
             f"(median {m['median_final_best']:.4f}); reached {target:.4f} at "
             f"{', '.join(f'{t:.0f}' for t in times)} s; time_ratio {m['time_ratio']:.2f}"
         )
     return out
+
+
+def results(runs: list[dict], seconds: float) -> dict:
+    """The saved record: every run, and their summaries.
+
+    Every saved run counts, each method against random search on its own seeds
+    (a later --resume may add seeds for some methods only); all methods are also
+    compared on the seeds that every one of them ran.
+    """
+    methods = list(dict.fromkeys(r["method"] for r in runs))  # in the order they first ran
+    common = sorted(
+        set.intersection(*({r["seed"] for r in runs if r["method"] == m} for m in methods))
+    )
+    print("all saved runs:")
+    summary = summarize(runs, seconds)
+    print(f"the seeds every method ran ({common}):")
+    on_common = summarize([r for r in runs if r["seed"] in common], seconds)
+    return {
+        "seconds_per_run": seconds,
+        "seeds": summary["random_seeds"],
+        "methods": methods,
+        "profile": QUICK.to_dict(),
+        "budget": 5_000_000,
+        "time_ratio": {m: summary[m]["time_ratio"] for m in methods},
+        "summary": summary,
+        "common_seeds": common,
+        "summary_on_common_seeds": on_common,
+        "runs": runs,
+    }
+
+
+def summarize_saved(name: str) -> Path:
+    """Recompute a saved file's summaries from its runs; its machine and date stay."""
+    path = result_path(name, "cpu")
+    saved = json.loads(path.read_text())
+    saved |= results(saved["runs"], saved["seconds_per_run"])
+    path.write_text(json.dumps(saved, indent=2) + "\n")
+    return path
 
 
 def main() -> None:
@@ -178,7 +231,17 @@ def main() -> None:
     ap.add_argument(
         "--name", default="search_efficiency", help="results file: benchmarks/results/NAME-cpu.json"
     )
+    ap.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="run nothing: recompute the saved file's summaries (any machine)",
+    )
     args = ap.parse_args()
+    if args.summarize_only:
+        if not result_path(args.name, "cpu").exists():
+            ap.error(f"nothing saved: {result_path(args.name, 'cpu')} does not exist")
+        print(f"wrote {summarize_saved(args.name)}")
+        return
     if "random" not in args.methods:
         ap.error("random is the baseline: include it in --methods")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -198,30 +261,7 @@ def main() -> None:
                 runs.append(run_one(method, seed, args.seconds, search))
                 record = {"seconds_per_run": args.seconds, "seeds": args.seeds, "runs": runs}
                 save(args.name, record | {"profile": QUICK.to_dict()}, "cpu")
-    # Every saved run counts (a later --resume may add seeds for some methods only);
-    # the pruners are also compared on the seeds that every method ran.
-    methods = list(dict.fromkeys(r["method"] for r in runs))  # in the order they first ran
-    seeds = sorted({r["seed"] for r in runs if r["method"] == "random"})
-    common = sorted(
-        set.intersection(*({r["seed"] for r in runs if r["method"] == m} for m in methods))
-    )
-    print(f"all saved runs (random: seeds {seeds}):")
-    summary = summarize(runs, args.seconds)
-    print(f"the seeds every method ran ({common}):")
-    on_common = summarize([r for r in runs if r["seed"] in common], args.seconds)
-    result = {
-        "seconds_per_run": args.seconds,
-        "seeds": seeds,
-        "methods": methods,
-        "profile": QUICK.to_dict(),
-        "budget": 5_000_000,
-        "time_ratio": {m: summary[m]["time_ratio"] for m in methods},
-        "summary": summary,
-        "common_seeds": common,
-        "summary_on_common_seeds": on_common,
-        "runs": runs,
-    }
-    print(f"wrote {save(args.name, result, 'cpu')}")
+    print(f"wrote {save(args.name, results(runs, args.seconds), 'cpu')}")
 
 
 if __name__ == "__main__":

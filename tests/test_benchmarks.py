@@ -68,3 +68,31 @@ def test_resume_refuses_timings_from_a_machine_of_another_speed(monkeypatch) -> 
     old = {k: v for k, v in here.items() if k != "trial_images_per_s"}
     assert "predate" in m.comparable(old)
     assert "GPU X" in m.comparable(here | {"gpu": "GPU X"})
+
+
+def test_each_method_is_scored_on_the_seeds_it_shares_with_random_search() -> None:
+    """A --resume that adds seeds for some methods only must not score a method's
+    5 seeds against a target set by random search's 10."""
+    from benchmarks.search_efficiency import summarize
+
+    def run(method: str, seed: int, best: float, at: float) -> dict:
+        return {
+            "method": method,
+            "seed": seed,
+            "final_best": best,
+            "curve": [(at, best)],
+            "counts": {"trained": 1},
+            "rejected_fraction_first_20": 0.0,
+            "rejected_fraction_last_50": 0.0,
+        }
+
+    runs = [run("random", s, b, 100.0) for s, b in enumerate([0.80, 0.82, 0.90, 0.92])]
+    runs += [run("tpe", 0, 0.83, 50.0), run("tpe", 1, 0.81, 20.0)]
+    out = summarize(runs, seconds=300)
+    assert out["random_median_final_best"] == pytest.approx(0.86)  # all four seeds
+    tpe = out["tpe"]
+    assert tpe["seeds"] == [0, 1]
+    assert tpe["target"] == pytest.approx(0.81)  # random search on seeds 0 and 1
+    assert tpe["seconds_to_target"] == [50.0, 20.0]
+    assert tpe["time_ratio"] == pytest.approx(35.0 / 350.0)  # random: never (600) and 100 s
+    assert out["random"]["time_ratio"] == pytest.approx(1.0)
