@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +24,9 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
+from search import launch
 from search.records import counts
+from search.signals import Stop
 from search.slots import is_trained
 from search.study import SLOT
 
@@ -297,6 +300,26 @@ def test_a_signal_mid_trial_marks_it_writes_best_and_resumes(
     trials = load(url, study_name)
     assert_whole(trials, done + 2)
     assert all(is_trained(t) for t in trials if t.system_attrs.get("failed_trial") in retries)
+
+
+def test_a_stop_reaches_the_workers_while_the_parent_is_busy() -> None:
+    """The parent's tick reads the study, which takes seconds on a big one; a stop
+    that waited for it would let running trials end instead of stopping them."""
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stop = Stop()
+    during_tick: list[int | None] = []
+
+    def tick() -> None:
+        if not during_tick:  # the first tick: busy until the worker is gone (or 20 s)
+            threading.Thread(target=stop.request).start()  # a signal while the parent reads
+            try:
+                during_tick.append(worker.wait(timeout=20))
+            except subprocess.TimeoutExpired:
+                during_tick.append(None)
+
+    codes = launch.follow([worker], stop, tick)
+    assert during_tick == [-signal.SIGTERM]
+    assert codes == [-signal.SIGTERM]
 
 
 def test_workers_stop_when_their_parent_is_killed(study_name, tmp_path) -> None:
