@@ -14,6 +14,7 @@ the same training images and validates on the same held-out images.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -70,7 +71,8 @@ def main() -> None:
         url = f"sqlite:///{tmp}/s.db"
         t0 = time.perf_counter()
         argv = ["--dataset", f"folder:{folder}", "--quick", "--trials", str(args.trials)]
-        rc = run.main([*argv, "--storage", url, "--study-name", "folder", "--no-progress"])
+        with contextlib.chdir(tmp):  # its studies/folder/best.json goes with the folder
+            rc = run.main([*argv, "--storage", url, "--study-name", "folder", "--no-progress"])
         seconds = time.perf_counter() - t0
         study = optuna.load_study(study_name="folder", storage=url)
         best = best_trial(study)

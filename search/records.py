@@ -177,6 +177,8 @@ def summary_table(trials: list[FrozenTrial], rejected_by: dict[str, int], top: i
     """The outcome counts and the best few trials, as the end of a run prints them."""
     c = counts(trials)
     why = ", ".join(f"{n} over {k}" for k, n in sorted(rejected_by.items())) or "none"
+    if sum(rejected_by.values()) > c["rejected"]:
+        why += "; some over several limits"
     lines = [
         f"trials: {c['trained']} trained ({c['complete']} complete, {c['pruned']} pruned), "
         f"{c['rejected']} rejected before training ({why}), {c['failed']} failed, "

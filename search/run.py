@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -135,7 +136,7 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> tuple[optuna.Study, Se
     return study, search
 
 
-def command_line(argv: list[str]) -> str:
+def command_line(argv: list[str], python: str = "python") -> str:
     """The command as typed, with any storage password masked (it is stored and shown)."""
     out = [
         f"--storage={safe_url(a[10:])}"
@@ -145,7 +146,7 @@ def command_line(argv: list[str]) -> str:
         else a
         for a in argv
     ]
-    return shlex.join(["python", "-m", "search.run", *out])
+    return shlex.join([python, "-m", "search.run", *out])
 
 
 def announce(args: argparse.Namespace, study: optuna.Study, search: Search) -> None:
@@ -209,6 +210,17 @@ def search_here(
     return "gave up" if GAVE_UP in codes else "done"
 
 
+def tool(name: str) -> str:
+    """How to call a command of this environment: bare when it is on PATH (an
+    activated venv), else by the path beside this Python (`.venv/bin/...`)."""
+    here = Path(sys.executable).parent / name
+    on_path = shutil.which(name)
+    if on_path and Path(on_path).resolve() == here.resolve():
+        return name
+    relative = os.path.relpath(here)
+    return relative if not relative.startswith("..") else str(here)
+
+
 def finish(
     args: argparse.Namespace, argv: list[str], study: optuna.Study, why: str, seconds: float
 ) -> None:
@@ -221,14 +233,21 @@ def finish(
         + (f"best architecture: {path}" if path else "no completed trial yet, no best.json")
     )
     print(
-        f"dashboard: optuna-dashboard {safe_url(args.storage)} --artifact-dir {args.artifact_dir}"
+        f"dashboard: {tool('optuna-dashboard')} {safe_url(args.storage)} --artifact-dir "
+        f"{args.artifact_dir}"
     )
+    if path:
+        print(
+            f"next: {shlex.join([tool('python'), '-m', 'search.train', str(path)])} --seeds 3   "
+            "# final training: test accuracy, mean +- sd"
+        )
     if why == "gave up":
         print(
             "stopped: the last candidates were all over the limits; raise --budget", file=sys.stderr
         )
     if why in ("interrupted", "timeout"):
-        print(f"to resume: {command_line(argv)}")  # this run's flags, not the first run's
+        # this run's flags, not the first run's; the Python that has the project
+        print(f"to resume: {command_line(argv, tool('python'))}")
 
 
 def main(argv: list[str] | None = None) -> int:
