@@ -58,6 +58,7 @@ from search.worker import Search, run_worker
 
 PRUNER_KINDS = tuple(k for k in PRUNERS if k != "none")  # random search is the unpruned run
 METHOD = re.compile(rf"random|tpe(\d*)(t?)\+({'|'.join(PRUNER_KINDS)})(?::(\d+))?")
+BUDGET = 5_000_000
 Curve = list[tuple[float, float]]  # (elapsed seconds, best validation accuracy so far)
 
 
@@ -144,7 +145,11 @@ def summarize(runs: list[dict], seconds: float) -> dict:
     """
     by: dict[str, dict[int, dict]] = {}
     for r in runs:
-        by.setdefault(r["method"], {})[r["seed"]] = r
+        if r["seed"] in by.setdefault(r["method"], {}):
+            raise ValueError(f"{r['method']} seed {r['seed']} was saved twice")
+        by[r["method"]][r["seed"]] = r
+    if "random" not in by:
+        raise ValueError("no random search run saved: nothing to compare with")
     never = 2 * seconds
     out = {
         "random_seeds": sorted(by["random"]),
@@ -154,6 +159,9 @@ def summarize(runs: list[dict], seconds: float) -> dict:
     }
     for method, of_seed in by.items():
         seeds = sorted(set(of_seed) & set(by["random"]))
+        if not seeds:
+            print(f"{method:15s} no seed in common with random search: not scored")
+            continue
         baseline = [by["random"][s] for s in seeds]
         target = statistics.median(r["final_best"] for r in baseline)
         random_time = statistics.median(time_to(r["curve"], target, never) for r in baseline)
@@ -181,7 +189,7 @@ def summarize(runs: list[dict], seconds: float) -> dict:
     return out
 
 
-def results(runs: list[dict], seconds: float) -> dict:
+def results(runs: list[dict], seconds: float, profile: dict, budget: int) -> dict:
     """The saved record: every run, and their summaries.
 
     Every saved run counts, each method against random search on its own seeds
@@ -195,14 +203,14 @@ def results(runs: list[dict], seconds: float) -> dict:
     print("all saved runs:")
     summary = summarize(runs, seconds)
     print(f"the seeds every method ran ({common}):")
-    on_common = summarize([r for r in runs if r["seed"] in common], seconds)
+    on_common = summarize([r for r in runs if r["seed"] in common], seconds) if common else {}
     return {
         "seconds_per_run": seconds,
         "seeds": summary["random_seeds"],
         "methods": methods,
-        "profile": QUICK.to_dict(),
-        "budget": 5_000_000,
-        "time_ratio": {m: summary[m]["time_ratio"] for m in methods},
+        "profile": profile,
+        "budget": budget,
+        "time_ratio": {m: summary[m]["time_ratio"] for m in methods if m in summary},
         "summary": summary,
         "common_seeds": common,
         "summary_on_common_seeds": on_common,
@@ -211,10 +219,13 @@ def results(runs: list[dict], seconds: float) -> dict:
 
 
 def summarize_saved(name: str) -> Path:
-    """Recompute a saved file's summaries from its runs; its machine and date stay."""
+    """Recompute a saved file's summaries from its runs; its machine, date and profile
+    stay (the runs were measured under them)."""
     path = result_path(name, "cpu")
     saved = json.loads(path.read_text())
-    saved |= results(saved["runs"], saved["seconds_per_run"])
+    budget = saved.get("budget", BUDGET)  # every file so far searched under 5M
+    saved |= results(saved["runs"], saved["seconds_per_run"], saved["profile"], budget)
+    saved["summarized"] = time.strftime("%Y-%m-%d")
     path.write_text(json.dumps(saved, indent=2) + "\n")
     return path
 
@@ -240,7 +251,10 @@ def main() -> None:
     if args.summarize_only:
         if not result_path(args.name, "cpu").exists():
             ap.error(f"nothing saved: {result_path(args.name, 'cpu')} does not exist")
-        print(f"wrote {summarize_saved(args.name)}")
+        try:
+            print(f"wrote {summarize_saved(args.name)}")
+        except ValueError as e:
+            ap.error(str(e))
         return
     if "random" not in args.methods:
         ap.error("random is the baseline: include it in --methods")
@@ -255,13 +269,14 @@ def main() -> None:
     done = {(r["method"], r["seed"]) for r in runs}
     print(f"{args.seconds:.0f} s per run, seeds {args.seeds}, on {device}", flush=True)
     for seed in args.seeds:
-        search = Search(data, Limits(5_000_000, QUICK.max_macs), QUICK, seed, device)
+        search = Search(data, Limits(BUDGET, QUICK.max_macs), QUICK, seed, device)
         for method in args.methods:
             if (method, seed) not in done:
                 runs.append(run_one(method, seed, args.seconds, search))
                 record = {"seconds_per_run": args.seconds, "seeds": args.seeds, "runs": runs}
-                save(args.name, record | {"profile": QUICK.to_dict()}, "cpu")
-    print(f"wrote {save(args.name, results(runs, args.seconds), 'cpu')}")
+                save(args.name, record | {"profile": QUICK.to_dict(), "budget": BUDGET}, "cpu")
+    record = results(runs, args.seconds, QUICK.to_dict(), BUDGET)
+    print(f"wrote {save(args.name, record, 'cpu')}")
 
 
 if __name__ == "__main__":

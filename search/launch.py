@@ -79,13 +79,22 @@ def follow(procs: list[subprocess.Popen], stop: Stop, tick: Callable[[], None]) 
     signal did not stop. A second Ctrl-C is passed on as well, which stops the
     workers at once. Returns their exit codes.
     """
-    stop.listeners.append(lambda signum: _signal_all(procs, signum))
-    if stop():  # asked before the workers started
+    started = time.monotonic()
+    # Held back while the listener goes in, so that a stop is passed on once: here or by it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
+    try:
+        stop.listeners.append(lambda signum: _signal_all(procs, signum))
+        asked_before = stop()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    if asked_before:
         _signal_all(procs, stop.signum or signal.SIGTERM)
-    while any(p.poll() is None for p in procs):
+    while True:
         try:
-            since = stop.requested_at
-            if since is not None and time.monotonic() - since > KILL_AFTER_S:
+            if all(p.poll() is not None for p in procs):
+                break
+            asked = stop.requested_at
+            if asked is not None and time.monotonic() - max(asked, started) > KILL_AFTER_S:
                 _signal_all(procs, signal.SIGKILL)
             tick()
             time.sleep(0.5)

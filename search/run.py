@@ -191,6 +191,8 @@ def search_here(
         )
         progress.bar.close()
         return why
+    if stop():  # asked while the study was prepared: start no worker
+        return "interrupted"
     gpus = torch.cuda.device_count() if search.device.type == "cuda" else 0
     log_dir = Path("studies") / args.study_name
     procs = launch.start(args.workers, argv, args.storage, log_dir, gpus)
@@ -211,14 +213,20 @@ def search_here(
 
 
 def tool(name: str) -> str:
-    """How to call a command of this environment: bare when it is on PATH (an
-    activated venv), else by the path beside this Python (`.venv/bin/...`)."""
-    here = Path(sys.executable).parent / name
+    """How to call a command of this environment: bare when PATH finds this one (an
+    activated venv), else by its path (`.venv/bin/...`): the `python` on PATH may be
+    one without the project."""
+    here = Path(sys.executable) if name == "python" else Path(sys.executable).parent / name
+    if not here.exists():  # installed elsewhere (pip --user): PATH's, if any
+        return shutil.which(name) or name
     on_path = shutil.which(name)
-    if on_path and Path(on_path).resolve() == here.resolve():
-        return name
-    relative = os.path.relpath(here)
-    return relative if not relative.startswith("..") else str(here)
+    if on_path and os.path.abspath(on_path) == os.path.abspath(here):  # not resolved: a
+        return name  # venv's python links to the base interpreter, which has no project
+    try:
+        relative = os.path.relpath(here)
+    except ValueError:  # another drive, or no cwd
+        return str(here)
+    return relative if os.sep in relative and not relative.startswith("..") else str(here)
 
 
 def finish(
@@ -237,9 +245,10 @@ def finish(
         f"{args.artifact_dir}"
     )
     if path:
+        data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
         print(
-            f"next: {shlex.join([tool('python'), '-m', 'search.train', str(path)])} --seeds 3   "
-            "# final training: test accuracy, mean +- sd"
+            f"next: {shlex.join([tool('python'), '-m', 'search.train', str(path), *data_dir])} "
+            "--seeds 3   # final training: test accuracy, mean +- sd"
         )
     if why == "gave up":
         print(

@@ -1,9 +1,10 @@
 """Stopping on request: Ctrl-C, SIGTERM (docker stop, Kubernetes, SLURM) and a dead parent.
 
-A signal only sets an event; the search loop and the trainer look at it at
-safe points (between optimizer steps, between trials), so no storage call is
-cut in half. The running trial is then marked and retried later, and the
-process exits with 128 + the signal's number. A second Ctrl-C stops at once.
+A signal sets an event, and a parent passes it on to its workers at once
+(`listeners`); the search loop and the trainer look at the event at safe points
+(between optimizer steps, between trials), so no storage call is cut in half.
+The running trial is then marked and retried later, and the process exits with
+128 + the signal's number. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def test_each_method_is_scored_on_the_seeds_it_shares_with_random_search() -> No
         }
 
     runs = [run("random", s, b, 100.0) for s, b in enumerate([0.80, 0.82, 0.90, 0.92])]
-    runs += [run("tpe", 0, 0.83, 50.0), run("tpe", 1, 0.81, 20.0)]
+    runs += [run("tpe", 0, 0.83, 50.0), run("tpe", 1, 0.815, 20.0)]
     out = summarize(runs, seconds=300)
     assert out["random_median_final_best"] == pytest.approx(0.86)  # all four seeds
     tpe = out["tpe"]
@@ -96,3 +96,32 @@ def test_each_method_is_scored_on_the_seeds_it_shares_with_random_search() -> No
     assert tpe["seconds_to_target"] == [50.0, 20.0]
     assert tpe["time_ratio"] == pytest.approx(35.0 / 350.0)  # random: never (600) and 100 s
     assert out["random"]["time_ratio"] == pytest.approx(1.0)
+
+
+def test_summarizing_a_saved_file_keeps_what_it_was_measured_with(tmp_path, monkeypatch) -> None:
+    """--summarize-only recomputes summaries; the machine, date and profile of the runs stay."""
+    import json
+
+    from benchmarks import search_efficiency as se
+
+    path = tmp_path / "old-cpu.json"
+    monkeypatch.setattr(se, "result_path", lambda name, device: path)
+    runs = [
+        {
+            "method": m,
+            "seed": 0,
+            "final_best": 0.8,
+            "curve": [(10.0, 0.8)],
+            "counts": {"trained": 1},
+            "rejected_fraction_first_20": 0.0,
+            "rejected_fraction_last_50": 0.0,
+        }
+        for m in ("random", "tpe")
+    ]
+    old = {"machine": {"cpu": "X"}, "date": "2026-01-01", "profile": {"rungs": [0.25, 1.0]}}
+    path.write_text(json.dumps(old | {"budget": 1_000_000, "seconds_per_run": 60, "runs": runs}))
+    se.summarize_saved("old")
+    saved = json.loads(path.read_text())
+    assert {k: saved[k] for k in old} == old
+    assert saved["budget"] == 1_000_000
+    assert saved["time_ratio"] == {"random": 1.0, "tpe": 1.0}

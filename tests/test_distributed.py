@@ -248,7 +248,7 @@ def interrupt_mid_trial(args: list[str], name: str, url: str, cwd, signum: int, 
         seconds left, so that the signal stops it rather than its end."""
         trials = load(url, name)
         half = SLOW_IMAGES / 2
-        early = [t for t in training(trials) if max(t.intermediate_values, default=0) < half]
+        early = [t for t in training(trials) if max(t.intermediate_values.keys(), default=0) < half]
         done = counts(trials)["complete"]
         return done >= 1 and len(early) >= workers and len(processes_of(name)) >= workers
 
@@ -307,18 +307,25 @@ def test_a_stop_reaches_the_workers_while_the_parent_is_busy() -> None:
     """The parent's tick reads the study, which takes seconds on a big one; a stop
     that waited for it would let running trials end instead of stopping them."""
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    stop = Stop()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = Stop().install()
     during_tick: list[int | None] = []
 
     def tick() -> None:
         if not during_tick:  # the first tick: busy until the worker is gone (or 20 s)
-            threading.Thread(target=stop.request).start()  # a signal while the parent reads
+            sigterm = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+            sigterm.start()  # the signal arrives while the parent reads
             try:
                 during_tick.append(worker.wait(timeout=20))
             except subprocess.TimeoutExpired:
                 during_tick.append(None)
 
-    codes = launch.follow([worker], stop, tick)
+    try:
+        codes = launch.follow([worker], stop, tick)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        worker.kill()
     assert during_tick == [-signal.SIGTERM]
     assert codes == [-signal.SIGTERM]
 

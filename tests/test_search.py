@@ -395,3 +395,31 @@ def test_train_the_top_k_of_a_study_chooses_on_validation(in_tmp, capsys) -> Non
     assert result["chosen"] == ranking[0]["name"] and len(ranking[0]["validation"]) == 2
     assert result["seeds"] == [0, 1] and len(result["runs"]) == 2  # test split: chosen only
     assert "1. trial" in out and "test accuracy" in out
+
+
+def test_printed_commands_name_the_venv_unless_path_finds_it(tmp_path, monkeypatch) -> None:
+    """A venv's python links to the base interpreter, which lacks the project: only the
+    venv's own path (or PATH finding exactly it) runs the printed resume command."""
+    import os
+    import sys
+
+    from search.run import tool
+
+    base, venv = tmp_path / "base" / "bin", tmp_path / "venv" / "bin"
+    base.mkdir(parents=True)
+    venv.mkdir(parents=True)
+    (base / "python").symlink_to(sys.executable)
+    (venv / "python").symlink_to(base / "python")
+    dashboard = venv / "optuna-dashboard"
+    dashboard.write_text("#!/bin/sh\n")
+    dashboard.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(venv / "python"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(base))  # python on PATH is the same binary, resolved
+    assert tool("python") == os.path.join("venv", "bin", "python")
+    assert tool("optuna-dashboard") == os.path.join("venv", "bin", "optuna-dashboard")
+    monkeypatch.setenv("PATH", f"{venv}{os.pathsep}{base}")  # an activated venv
+    assert (tool("python"), tool("optuna-dashboard")) == ("python", "optuna-dashboard")
+    dashboard.unlink()
+    monkeypatch.setenv("PATH", str(base))
+    assert tool("optuna-dashboard") == "optuna-dashboard"  # not installed: its bare name
