@@ -50,13 +50,14 @@ def trial_speed() -> float:
     the stuff of a quick trial (about 7 s). Two VMs that both say "AMD EPYC" trained 4x
     apart (2026-11-29), so the model name cannot tell whether timings compare."""
     from models.presets import preset
+    from search.data import Split
     from search.trainer import TrainConfig, train
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (1024, 1, 28, 28), dtype=torch.uint8, generator=gen)
     y = torch.randint(0, 10, (1024,), generator=gen)
     cfg = TrainConfig(images=2048, batch_size=64, lr=0.05)
-    res = train(preset("resnet-tiny", 1, 28), cfg, x, y, mean=(0.5,), std=(0.25,), rungs=(0.5, 1))
+    res = train(preset("resnet-tiny", 1, 28), cfg, Split(x, y, (0.5,), (0.25,)), rungs=(0.5, 1))
     return res.history[-1].images_per_s  # the second epoch: warmed up
 
 

@@ -30,7 +30,7 @@ from benchmarks.machine import result_path, save
 from models import ArchSpec, count_params
 from models.presets import preset
 from search.data import Dataset, load_dataset, search_split
-from search.final import mean_sd, run_once
+from search.final import mean_sd, train_final
 from search.limits import Limits
 from search.profile import QUICK
 from search.records import best_trial, trial_arch, trial_training
@@ -132,7 +132,7 @@ def main() -> None:
         for seed in args.seeds:
             if (name, seed) in done:
                 continue
-            run, _ = run_once(spec, replace(cfg, seed=seed), args.epochs, ds, device)
+            run, _ = train_final(spec, replace(cfg, seed=seed), args.epochs, ds, device)
             runs.append(
                 {
                     "design": name,

@@ -36,7 +36,7 @@ from search.data import load_dataset, search_split
 from search.limits import Limits
 from search.profile import QUICK
 from search.trainer import EvalStats
-from search.worker import Search, fit
+from search.worker import Search
 
 Row = dict  # params, macs, batch, acc (per rung), seconds (per rung, cumulative)
 
@@ -71,7 +71,7 @@ def measure(search: Search, trial: optuna.trial.FrozenTrial, rejected: int) -> R
         acc.append(s.val_acc)
         seconds.append(round(time.perf_counter() - start, 2))
 
-    fit(spec, cfg, search, on_eval=on_eval)
+    search.train(spec, cfg, on_eval=on_eval)
     return {
         "number": trial.number,
         "rejected_before": rejected,

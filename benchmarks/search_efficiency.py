@@ -27,7 +27,7 @@ that never reaches it counts as twice the wall clock. The statistic is not 1
 for a method as good as random search: the target is random search's own
 median, which another 5 runs of the same search reach in 3 of them only half
 the time; `python -m benchmarks.rung_ranking --replay none` measures
-that null (README, Trials).
+that null (benchmarks/README.md#rung-ranking).
 Results are saved after every run; --resume skips the runs already saved.
 """
 

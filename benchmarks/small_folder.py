@@ -31,7 +31,7 @@ from search.data import load_dataset, load_folder, search_split, subset
 from search.limits import Limits
 from search.profile import QUICK
 from search.records import best_trial, counts, trial_arch, trial_training
-from search.worker import Search, fit
+from search.worker import Search
 
 
 def images(source: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -82,7 +82,7 @@ def main() -> None:
         search = Search(data, Limits(5_000_000), QUICK, 0, torch.device("cpu"))
         cfg = trial_training(best)
         longer = [
-            fit(trial_arch(best), replace(cfg, images=4 * cfg.images, seed=s), search)
+            search.train(trial_arch(best), replace(cfg, images=4 * cfg.images, seed=s))
             .history[-1]
             .val_acc
             for s in range(3)

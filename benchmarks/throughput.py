@@ -25,6 +25,7 @@ from torch import nn
 from benchmarks.machine import save
 from models import build_model, count_params
 from models.presets import preset
+from search.data import Split
 from search.trainer import TrainConfig, make_optimizer, resolve_device, train
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -133,9 +134,8 @@ def main() -> None:
     )
 
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-    res = train(
-        spec, cfg, xt, torch.from_numpy(y), mean=MEAN, std=STD, device=device, rungs=(0.5, 1.0)
-    )
+    split = Split(xt, torch.from_numpy(y), MEAN, STD)
+    res = train(spec, cfg, split, device=device, rungs=(0.5, 1.0))
     ours = res.history[-1].images_per_s
     print(f"  this trainer:            {ours:10,.0f} images/s")
     classic = classic_loop(spec, cfg, x, y, device, workers, fast_compute=False)

@@ -33,7 +33,7 @@ from search.data import load_dataset, search_split
 from search.limits import Limits
 from search.profile import QUICK
 from search.trainer import TrainConfig
-from search.worker import Search, fit
+from search.worker import Search
 
 # The baseline has every part off; each variant switches one on (or changes it).
 BASELINE = {"ema": 0.0, "tta": False, "zero_init": False, "bn_lr": 1.0, "warmup": 0.2}
@@ -74,7 +74,7 @@ def measure(
     curves = []
     for spec, cfg in cands:
         for seed in seeds:
-            history = fit(spec, replace(cfg, seed=seed, **change), search).history
+            history = search.train(spec, replace(cfg, seed=seed, **change)).history
             curves.append([h.val_acc for h in history])
     return curves
 
@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--name", default="trial_recipe", help="results/NAME-cpu.json")
     ap.add_argument(
         "--combine",
         metavar="RESULT_JSON",
@@ -183,7 +184,9 @@ def main() -> None:
         r["kept"] = keeps(r, baseline)
         report(name, r)
     kept = kept_recipe(rows)
-    combined = compare(base, measure(search, cands, seeds, kept)) if kept else None
+    # Parts measured together only when all were measured (a subset re-measures its rows)
+    whole = args.combine or set(args.variants) == set(VARIANTS)
+    combined = compare(base, measure(search, cands, seeds, kept)) if kept and whole else None
     if combined:
         report("all kept parts", combined)
     result = {
@@ -201,7 +204,7 @@ def main() -> None:
             "fused optimizer": "CUDA only (speed, not accuracy)",
         },
     }
-    print(f"wrote {save('trial_recipe', result)}")
+    print(f"wrote {save(args.name, result)}")
 
 
 if __name__ == "__main__":

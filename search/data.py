@@ -27,6 +27,19 @@ class DataError(Exception):
 
 
 @dataclass(frozen=True)
+class Split:
+    """What one training run sees: its training images, the images it is evaluated on
+    (none: no evaluation), and the normalisation of its training images."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    eval_x: torch.Tensor | None = None
+    eval_y: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class Dataset:
     """Train and test images (uint8, N x C x H x W) and labels (int64)."""
 
@@ -62,6 +75,11 @@ class Dataset:
     @property
     def std(self) -> tuple[float, ...]:
         return self.stats[1]
+
+    @property
+    def train_test(self) -> Split:
+        """All training images, evaluated on the test split: the final training."""
+        return Split(self.train_x, self.train_y, self.mean, self.std, self.test_x, self.test_y)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -365,6 +383,11 @@ class SearchData:
     def shape(self) -> tuple[int, int, int]:
         """(channels, size, classes): what the sampled architectures must take."""
         return self.train_x.shape[1], self.train_x.shape[2], self.num_classes
+
+    @property
+    def train_val(self) -> Split:
+        """The search's training split, evaluated on its validation split: a trial."""
+        return Split(self.train_x, self.train_y, self.mean, self.std, self.val_x, self.val_y)
 
     def to(self, device: torch.device) -> SearchData:
         """The same split on `device`, moved once for all the trials of a worker."""

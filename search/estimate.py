@@ -11,6 +11,7 @@ import optuna
 
 from models import ArchSpec
 from search import space
+from search.data import Split
 from search.trainer import TrainConfig, train
 from search.worker import Search
 
@@ -52,10 +53,8 @@ def _macs_per_second(spec: ArchSpec, cfg: TrainConfig, search: Search) -> float:
     """Training MACs per second of one candidate: a few timed steps after a warm-up."""
     d, bs = search.data, min(cfg.batch_size, len(search.data.train_y))
     n = min(len(d.train_y), 6 * bs)
-    kwargs = {"mean": d.mean, "std": d.std, "device": search.device}
-    warm = TrainConfig(images=2 * bs, batch_size=bs, seed=0)
-    train(spec, warm, d.train_x[:n], d.train_y[:n], **kwargs)
-    result = train(
-        spec, TrainConfig(images=n, batch_size=bs, seed=0), d.train_x[:n], d.train_y[:n], **kwargs
-    )
+    split = Split(d.train_x[:n], d.train_y[:n], d.mean, d.std)
+    train(spec, TrainConfig(images=2 * bs, batch_size=bs, seed=0), split, device=search.device)
+    timed = TrainConfig(images=n, batch_size=bs, seed=0)
+    result = train(spec, timed, split, device=search.device)
     return search.limits.measure(spec)["macs"] * result.images_per_s

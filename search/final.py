@@ -4,6 +4,10 @@ The test split is evaluated at every epoch's end for the learning curves;
 nothing is selected on it, so the final figure stays an honest estimate. With
 several seeds, the result reports the mean and the standard deviation, and
 keeps every run.
+
+A study ranks its candidates by one short run each, so its top few are near-ties.
+`rank_by_validation` re-trains them with every seed and chooses on the search's
+validation split, so that choosing among them does not spend the test split either.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def epochs_config(cfg: TrainConfig, epochs: int, n_train: int) -> TrainConfig:
     return replace(cfg, images=epochs * n_train)
 
 
-def run_once(
+def train_final(
     spec: ArchSpec,
     cfg: TrainConfig,
     epochs: int,
@@ -63,12 +67,7 @@ def run_once(
     res = train(
         spec,
         epochs_config(cfg, epochs, len(data.train_y)),
-        data.train_x,
-        data.train_y,
-        data.test_x,
-        data.test_y,
-        mean=data.mean,
-        std=data.std,
+        data.train_test,
         device=device,
         rungs=[k / epochs for k in range(1, epochs + 1)],
         on_eval=on_eval,
@@ -166,21 +165,13 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), ckpt
 
 
-def validate_once(
+def train_and_validate(
     spec: ArchSpec, cfg: TrainConfig, epochs: int, split: SearchData, device: torch.device
 ) -> float:
     """Validation accuracy after `epochs` on the search's training split: for choosing
     among candidates without looking at the test split."""
     res = train(
-        spec,
-        epochs_config(cfg, epochs, len(split.train_y)),
-        split.train_x,
-        split.train_y,
-        split.val_x,
-        split.val_y,
-        mean=split.mean,
-        std=split.std,
-        device=device,
+        spec, epochs_config(cfg, epochs, len(split.train_y)), split.train_val, device=device
     )
     return res.history[-1].val_acc
 
@@ -198,7 +189,7 @@ def rank_by_validation(
     for name, (spec, cfg) in candidates.items():
         accs = []
         for seed in seeds:
-            accs.append(validate_once(spec, replace(cfg, seed=seed), epochs, split, device))
+            accs.append(train_and_validate(spec, replace(cfg, seed=seed), epochs, split, device))
             if on_run is not None:
                 on_run(name, seed, accs[-1])
         mean, sd = mean_sd(accs)

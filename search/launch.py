@@ -46,8 +46,26 @@ def gpu_of(i: int, gpus: int, visible: str | None) -> str:
     return ids[i % len(ids)]
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (a container's or SLURM's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_threads(workers: int, cores: int) -> int:
+    """Threads per CPU worker: the cores divided among them. Without a limit every
+    worker's torch uses every core, and N workers on C cores run N*C threads that
+    spin against each other (2 workers on 2 cores trained several times slower)."""
+    return max(1, cores // workers)
+
+
 def start(n: int, argv: list[str], url: str, log_dir: Path, gpus: int) -> list[subprocess.Popen]:
-    """Start `n` workers of this command; logs in log_dir/worker-<host>-<i>.log."""
+    """Start `n` workers of this command; logs in log_dir/worker-<host>-<i>.log.
+
+    On the CPU (`gpus` 0) each worker gets its share of the cores as its thread count.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     child = [*without(without(argv, "--workers"), "--storage"), "--worker", "--no-progress"]
     if gpus:  # each worker sees one GPU, whatever --device cuda:N the parent was given
@@ -57,6 +75,9 @@ def start(n: int, argv: list[str], url: str, log_dir: Path, gpus: int) -> list[s
         env = dict(os.environ, **{STORAGE_ENV: url, PARENT_ENV: str(os.getpid())})
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpu_of(i, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        else:
+            threads = str(cpu_threads(n, cpu_cores()))
+            env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         with (log_dir / f"worker-{socket.gethostname()}-{i}.log").open("a") as log:
             procs.append(
                 subprocess.Popen(

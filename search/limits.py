@@ -4,6 +4,11 @@ Parameters (the budget), and optionally MACs per image and the bytes of the
 saved weights at a chosen width. `excess()` is what the gate records as
 constraints: how far over each limit a candidate is (> 0: over), so the
 sampler learns sizes, not just pass or fail.
+
+Why a gate before training: counting is closed-form arithmetic on the spec, orders
+of magnitude cheaper than building the model (benchmarks/README.md, Count vs
+build), so a candidate over the limits costs the search neither time nor memory,
+however often the sampler proposes one.
 """
 
 from __future__ import annotations

@@ -5,6 +5,16 @@ image folder and a 60,000-image dataset both give every candidate enough
 optimizer steps. Batch sizes are fitted to it: only those that leave at least
 `min_steps` steps are offered to the sampler. Validation runs at `rungs`
 (fractions of the length), which is where the pruner decides.
+
+Why the quick profile first looks at 1/8 of a trial: that look is noisy but
+cheap, and pruning rules replayed on a table of measured candidates
+(benchmarks/rung_ranking.py) all did better from 1/8 than from 1/4. For the same
+reason the median rule (search/study.py) acts from the first completed trial on:
+waiting for more costs most of what pruning saves. Live, with TPE, the early look
+paid only once TPE's random start counted trained candidates (search/sampler.py).
+The median rule stays the default pruner: no other beat it live by more than the
+noise, and it needs no resource settings. Figures and commands: benchmarks/README.md,
+sections Rung ranking and Search efficiency.
 """
 
 from __future__ import annotations
@@ -67,10 +77,7 @@ class Profile:
 QUICK = Profile(
     name="quick",
     images=24_000,
-    # A first look at 1/8 (3,000 images, ~2 s) ranks candidates as the end does with
-    # Spearman 0.82; with random sampling, screening there halves time_ratio (replayed
-    # in benchmarks/rung_ranking.py, 0.502 live); with TPE, only once its random start
-    # counted trained candidates (search/sampler.py; README, Trials).
+    # A first look at 1/8 of the trial: why, in the module docstring.
     rungs=(0.125, 0.25, 0.5, 1.0),
     min_steps=250,
     batch_sizes=(32, 64, 96, 128),

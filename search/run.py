@@ -82,6 +82,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--timeout", type=float, help="stop starting trials after this many seconds")
     add("--enqueue", action="append", default=[], metavar="PRESET", choices=list(PRESETS))
     add("--no-progress", action="store_true", help="no progress bar")
+    add("--no-estimate", action="store_true", help="skip timing a trial before the search")
     add("--workers", type=int, default=1, help="processes on this machine, one GPU each")
     add("--heartbeat", type=int, default=HEARTBEAT_S, help="seconds between heartbeats")
     add("--grace", type=int, default=GRACE_S, help="seconds without one before a retry")
@@ -159,9 +160,15 @@ def announce(args: argparse.Namespace, study: optuna.Study, search: Search) -> N
         f"dataset {d.name}: {len(d.train_y):,} train / {len(d.val_y):,} validation images "
         f"of {d.shape[0]}x{d.shape[1]}x{d.shape[1]}, {d.num_classes} classes"
     )
-    print(f"{search.limits.describe()}; trials on {device_name(search.device)}")
+    # A parent of workers names no GPU: the name would create a CUDA context here (0.5 GB,
+    # and under the EXCLUSIVE_PROCESS compute mode a GPU that worker 0 cannot get).
+    trains = args.workers == 1 and not args.create_only
+    on = device_name(search.device) if trains or search.device.type == "cpu" else "CUDA"
+    print(f"{search.limits.describe()}; trials on {on}")
     print(search.profile.describe(len(d.train_y)), flush=True)
-    if search.device.type == "cpu" and not args.create_only:
+    if search.device.type == "cpu" and not args.create_only and not args.no_estimate:
+        if args.workers > 1:  # time a trial as one worker will run it
+            torch.set_num_threads(launch.cpu_threads(args.workers, launch.cpu_cores()))
         typical, fast, slow = estimate_trial_seconds(search)
         print(
             f"a full trial takes about {typical:.0f} s on this CPU ({fast:.0f}-{slow:.0f} s); "
@@ -196,11 +203,13 @@ def search_here(
     gpus = torch.cuda.device_count() if search.device.type == "cuda" else 0
     log_dir = Path("studies") / args.study_name
     procs = launch.start(args.workers, argv, args.storage, log_dir, gpus)
-    print(
-        f"{args.workers} workers on {f'{gpus} GPUs' if gpus else 'the CPU'}; logs in "
-        f"{log_dir}/worker-*.log",
-        flush=True,
-    )
+    print(f"{args.workers} workers on {where(args.workers, gpus)}; logs in {log_dir}/worker-*.log")
+    if not gpus and args.workers > launch.cpu_cores():
+        print(
+            f"note: more workers than the {launch.cpu_cores()} cores here; they share them, "
+            "so a trial takes longer and the search gains nothing",
+            flush=True,
+        )
     progress = Progress(args.trials, enabled=not args.no_progress)
     codes = launch.follow(procs, stop, lambda: progress.show(study, every_s=2.0))
     progress.bar.close()
@@ -210,6 +219,13 @@ def search_here(
         print(f"error: worker exit codes {codes}; see {log_dir}/worker-*.log", file=sys.stderr)
         return "failed"
     return "gave up" if GAVE_UP in codes else "done"
+
+
+def where(workers: int, gpus: int) -> str:
+    if gpus:
+        return f"{gpus} GPU(s)"
+    threads = launch.cpu_threads(workers, launch.cpu_cores())
+    return f"the CPU, {threads} thread{'s' if threads > 1 else ''} each"
 
 
 def tool(name: str) -> str:

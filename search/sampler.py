@@ -4,11 +4,14 @@ TPE: multivariate over groups (the per-stage parameters exist only for some stag
 counts); constant_liar, so parallel workers see running trials as bad and spread out.
 
 Optuna's TPESampler counts its random start in trials, and a candidate the budget
-gate rejects is a trial too (told PRUNED, with its constraints). About three of four
-random candidates are rejected, so a 10-trial start has TPE modelling from 2 or 3
-trained candidates. `TrainedStartup`, the default, counts trained ones instead; the
-live benchmark that chose it, and its figures, are in README, Trials
-(`python -m benchmarks.search_efficiency --methods random tpe+median:1 tpe10t+median:1`).
+gate rejects is a trial too (told PRUNED, with its constraints). Most random
+candidates are rejected, so a 10-trial start leaves TPE modelling from a few trained
+ones: it proposes architectures close to its first good ones, the median rule lets
+those near-median ones finish, and the search refines before it has explored.
+`TrainedStartup`, the default, counts trained candidates instead (one pruned at the
+first rung counts), and TPE still learns from every rejected one, as an infeasible
+trial. The live benchmark that chose it, its figures and its command are in
+benchmarks/README.md, section Search efficiency.
 """
 
 from __future__ import annotations

@@ -13,7 +13,24 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+_held = {"depth": 0, "pending": False}  # a second Ctrl-C that arrived inside critical()
+
+
+@contextmanager
+def critical() -> Iterator[None]:
+    """Steps that must not be cut apart (fail a trial, queue its retry): a second
+    Ctrl-C that lands inside waits for the end, then stops at once as usual."""
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+        if _held["depth"] == 0 and _held["pending"]:
+            _held["pending"] = False
+            raise KeyboardInterrupt
 
 
 class Stop:
@@ -31,6 +48,9 @@ class Stop:
 
     def _handle(self, signum: int, _frame: object) -> None:
         if self.event.is_set() and signum == signal.SIGINT:
+            if _held["depth"]:
+                _held["pending"] = True
+                return
             raise KeyboardInterrupt
         self.request(signum)
 

@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search.signals import critical
 from search.study import MAX_RETRY, SLOT, Retry, study_lock
 
 
@@ -53,15 +54,20 @@ class Slots:
             trial.set_user_attr(SLOT, held)
             return True
 
-    def requeue(self, trial: optuna.Trial | int, max_retry: int | None = MAX_RETRY) -> bool:
+    def requeue(self, trial: optuna.Trial | int, interrupted: bool = False) -> bool:
         """Fail a running trial and queue its copy, which keeps its slot; False when
-        another worker ended it first."""
-        with study_lock(self.url, self.study.study_name):
+        another worker ended it first. `interrupted`: a stop, not a crash, so it does
+        not count towards the candidate's retries.
+
+        A second Ctrl-C waits until both are done: in between, the candidate would
+        be failed with no copy queued, and lost.
+        """
+        with critical(), study_lock(self.url, self.study.study_name):
             try:
                 frozen = self.study.tell(trial, state=TrialState.FAIL)
             except (ValueError, RuntimeError):
                 return False
-            Retry(max_retry)(self.study, frozen)
+            Retry(MAX_RETRY, interrupted=interrupted)(self.study, frozen)
             return True
 
     def wait(self, stopped: Callable[[], bool], poll_s: float = 2.0) -> bool:

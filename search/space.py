@@ -9,6 +9,12 @@ from the input (the pool) are relative to it, so one space serves 28 px and
 32 px images alike. Every preset that fits the limits is a point of this
 space: `preset_params` gives the parameters that `suggest_arch` turns back
 into it.
+
+Training settings are sampled only for a candidate that passed the gate, so a
+rejection teaches the sampler about sizes, not about learning rates. What is
+sampled here and what the trainer fixes follows benchmarks/trial_recipe.py: label
+smoothing stays sampled, since fixing it (at 0 or at 0.1) did not help a short
+trial (benchmarks/README.md, Trial recipe).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import fcntl
 import hashlib
+import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +24,6 @@ from typing import Any
 import optuna
 import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial
 
 # Heartbeat, group, fail_stale_trials and the retry callback are marked experimental in
@@ -36,11 +37,12 @@ HEARTBEAT_S = 30
 GRACE_S = 120
 MAX_RETRY = 2
 PRUNERS = ("median", "percentile", "halving", "hyperband", "none")
-DEFAULT_PRUNER = "median"  # benchmarks/search_efficiency chose it (README, Trials)
+DEFAULT_PRUNER = "median"  # chosen by measurement: benchmarks/README.md#pruners
 # The median rule from the first completed trial on: replayed on 100 measured candidates
 # (benchmarks/rung_ranking.py), waiting for 5 costs most of what pruning saves.
 PRUNER_STARTUP = 1
 SLOT = "slot"  # user attr: the trial holds one of the study's --trials training slots
+INTERRUPTED = "interrupted_trials"  # system attr: the retries in its history that were stops
 
 
 class StudyError(Exception):
@@ -61,9 +63,19 @@ def safe_url(url: str) -> str:
 
 class Retry(RetryHeartbeatStaleTrialCallback):
     """Optuna's retry of a failed trial, keeping what the candidate is and its slot,
-    not how its last run went (who ran it, why it stopped)."""
+    not how its last run went (who ran it, why it stopped).
+
+    `max_retry` counts crashes only (a dead worker, a stale heartbeat). An
+    interruption (`interrupted=True`: Ctrl-C, a preemption) is not the candidate's
+    fault: it is retried always and does not use up its crash retries, although
+    Optuna's `retry_history` lists it like any other retry.
+    """
 
     KEEP = ("arch", "params", "macs", "bytes", "preset", SLOT)
+
+    def __init__(self, max_retry: int | None = MAX_RETRY, interrupted: bool = False) -> None:
+        super().__init__(max_retry=None)  # the limit is checked here, on crashes only
+        self.crash_limit, self.interrupted = max_retry, interrupted
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         candidate = copy.deepcopy(trial)
@@ -72,6 +84,18 @@ class Retry(RetryHeartbeatStaleTrialCallback):
         candidate.system_attrs = {
             k: v for k, v in trial.system_attrs.items() if not k.startswith("constraints")
         }
+        interrupted = list(trial.system_attrs.get(INTERRUPTED, []))
+        if self.interrupted:
+            interrupted.append(trial.number)
+        candidate.system_attrs[INTERRUPTED] = interrupted
+        crashes = len(self.retry_history(trial)) + 1 - len(interrupted)
+        if self.crash_limit is not None and crashes > self.crash_limit:
+            print(
+                f"warning: trial {trial.number} failed {crashes} times (crashes, not "
+                f"interruptions); its candidate is not retried again",
+                file=sys.stderr,
+            )
+            return
         super().__call__(study, candidate)
 
 
@@ -267,11 +291,34 @@ def join(study: optuna.Study, url: str | None, seed: int) -> tuple[int, int]:
 
 
 @contextmanager
-def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
-    """The heartbeat `study.optimize` runs around a trial, for the ask-and-tell loop."""
-    thread = get_heartbeat_thread(trial._trial_id, study._storage)
+def heartbeat(trial: optuna.Trial) -> Iterator[None]:
+    """The heartbeat `study.optimize` runs around a trial, for the ask-and-tell loop.
+
+    Unlike Optuna's own thread (which ends silently at the first database error,
+    so that other workers fail a trial that is still training), a failed beat is
+    reported and the next one is tried. Public storage API only.
+    """
+    storage = trial.storage
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "record_heartbeat") else None
+    if not interval:
+        yield
+        return
+    study_id = storage.get_study_id_from_name(trial.study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.is_set():
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as e:  # the database may be back by the next beat
+                print(f"warning: heartbeat of trial {trial.number} failed: {e}", file=sys.stderr)
+            done.wait(interval)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
     thread.start()
     try:
         yield
     finally:
+        done.set()
         thread.join()

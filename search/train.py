@@ -25,7 +25,7 @@ from models import ArchSpec, count_params, load_arch
 from models.presets import PRESETS, preset
 from search.cli import STORAGE_ENV, Parser, load_existing
 from search.data import DataError, load_dataset, search_split
-from search.final import check_input, rank_by_validation, run_once, save_checkpoint, summarize
+from search.final import check_input, rank_by_validation, save_checkpoint, summarize, train_final
 from search.records import ranked, trial_arch, trial_training, write_json
 from search.study import StudyError
 from search.trainer import (
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for seed in seeds:
             bar.seed = seed
-            run, model = run_once(
+            run, model = train_final(
                 spec,
                 TrainConfig.from_dict(cfg.to_dict() | {"seed": seed}),
                 args.epochs,

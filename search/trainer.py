@@ -10,7 +10,6 @@ its epochs.
 
 from __future__ import annotations
 
-import copy
 import gc
 import math
 import threading
@@ -21,10 +20,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from models import ArchSpec, build_model
 from models.resnet import BasicBlock
-from search.data import augment
+from search.data import Split, augment
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine")
@@ -61,11 +61,9 @@ class TrainConfig:
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 0
-    # The recipe, as benchmarks/results/trial_recipe-cpu.json measured it on the quick profile:
-    # EMA over 5% of the steps costs nothing and lets the first rung rank candidates much
-    # as the last does (Spearman 0.96 vs 0.88); BatchNorm and biases at 3x the learning
-    # rate add 0.7 points; flip TTA (-1.8), zero-init residuals (-4.3) and a shorter
-    # warmup (-0.9 at 5%) hurt short trials.
+    # The recipe: each part on or off as benchmarks/trial_recipe measured it on the quick
+    # profile (benchmarks/README.md#trial-recipe): the EMA and BatchNorm's higher learning
+    # rate help short trials; flip TTA, zero-init residuals and a shorter warmup hurt them.
     ema: float = 0.05  # evaluate an EMA of the weights over this fraction of all steps; 0: off
     tta: bool = False  # evaluate on each image and its mirror image
     zero_init: bool = False  # each block's last BatchNorm starts at zero: blocks start as identity
@@ -145,16 +143,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def lr_factor(step: int, total: int, warmup_steps: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate at `step` (0-based) of `total`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total - warmup_steps)
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    return max(0.0, 1.0 - progress)
-
-
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Weight decay on conv and linear weights only; BatchNorm and biases at `bn_lr` x lr."""
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -225,25 +213,52 @@ def evaluate(
 
 
 class WeightAverage:
-    """An exponential moving average of the weights, the copy that gets evaluated.
+    """An exponential moving average of the weights and BatchNorm statistics, the copy
+    that gets evaluated: torch's AveragedModel with `use_buffers`.
 
-    The decay ramps up from 0 so the random initial weights fade out quickly;
-    BatchNorm statistics are copied, not averaged.
+    The decay ramps up from 0 so the random initial weights fade out quickly; it
+    is computed from a step count kept here, not from AveragedModel's device
+    counter, which would cost a GPU sync per step.
     """
 
     def __init__(self, model: nn.Module, horizon_steps: float) -> None:
-        self.model = copy.deepcopy(model)
-        self.decay = 1 - 1 / max(1.0, horizon_steps)
-        self.src = [p.detach() for p in model.parameters()]
-        self.dst = [p.detach() for p in self.model.parameters()]
-        self.src_buf, self.dst_buf = list(model.buffers()), list(self.model.buffers())
+        self.max_decay = 1 - 1 / max(1.0, horizon_steps)
+        self.step = 0
+        self.averaged = AveragedModel(model, multi_avg_fn=self._lerp, use_buffers=True)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.averaged.module
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.dst, self.src, 1 - decay)
-        for d, s in zip(self.dst_buf, self.src_buf, strict=True):
-            d.copy_(s)
+    def _lerp(self, ema: list[torch.Tensor], now: list[torch.Tensor], _n: object) -> None:
+        if not torch.is_floating_point(ema[0]):  # BatchNorm's batch counters
+            torch._foreach_copy_(ema, now)
+            return
+        decay = min(self.max_decay, (1 + self.step) / (10 + self.step))
+        torch._foreach_lerp_(ema, now, 1 - decay)
+
+    def update(self, model: nn.Module, step: int) -> None:
+        self.step = step
+        self.averaged.update_parameters(model)
+
+
+def lr_schedule(
+    opt: torch.optim.Optimizer, total: int, warmup: int, schedule: str
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup over `warmup` steps to the peak, then linear (onecycle) or cosine
+    decay to zero at `total`, stepped once per optimizer step."""
+    decay_steps = max(1, total - warmup)
+    decay = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=decay_steps)
+        if schedule == "cosine"
+        else torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=decay_steps)
+    )
+    if warmup < 1:
+        return decay
+    # start_factor 1/warmup over warmup - 1 steps: (step + 1) / warmup at every step
+    rise = torch.optim.lr_scheduler.LinearLR(opt, 1 / warmup, 1.0, total_iters=warmup - 1)
+    return torch.optim.lr_scheduler.SequentialLR(opt, [rise, decay], milestones=[warmup])
 
 
 def rung_steps(total: int, rungs: Sequence[float]) -> list[int]:
@@ -256,20 +271,16 @@ def rung_steps(total: int, rungs: Sequence[float]) -> list[int]:
 def train(
     spec: ArchSpec,
     cfg: TrainConfig,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    val_x: torch.Tensor | None = None,
-    val_y: torch.Tensor | None = None,
+    split: Split,
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
     device: torch.device | str = "cpu",
     rungs: Sequence[float] = (1.0,),
     on_eval: Callable[[EvalStats], None] | None = None,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
     stop: threading.Event | None = None,
 ) -> TrainResult:
-    """Train `spec` from scratch for `cfg.images` images, validating at each rung.
+    """Train `spec` from scratch for `cfg.images` images of `split`, evaluating at each
+    rung on its evaluation images (if any).
 
     `on_eval` sees every rung and may raise to end the run (a pruned trial);
     `on_step(step, total, loss)` follows every step; a set `stop` ends it with
@@ -278,13 +289,11 @@ def train(
     """
     device = torch.device(device)
     try:
-        return _Run(spec, cfg, device, mean, std, train_x, train_y, val_x, val_y).go(
-            rungs, on_eval, on_step, stop
-        )
+        return _Run(spec, cfg, split, device).train(rungs, on_eval, on_step, stop)
     except torch.OutOfMemoryError as e:
         message = str(e).splitlines()[0] if str(e) else "out of memory"
-    except RuntimeError as e:  # the CPU allocator's failure is a plain RuntimeError
-        if "can't allocate memory" not in str(e):
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
             raise
         message = str(e).splitlines()[0]
     # Outside the except block: the traceback, and the model its frames held, are gone.
@@ -294,44 +303,54 @@ def train(
     raise OutOfMemory(f"out of memory on {device} at batch size {cfg.batch_size}: {message}")
 
 
-class _Run:
-    """One training run's state; `go()` is the loop."""
+def initial_model(spec: ArchSpec, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The model as training starts: seeded weights, channels_last, the recipe's init."""
+    torch.manual_seed(cfg.seed)
+    # channels_last feeds Tensor Cores on CUDA, and is faster on the CPU too
+    # (benchmarks/README.md#throughput).
+    model = build_model(spec).to(device, memory_format=torch.channels_last)
+    if cfg.zero_init:
+        for m in model.modules():
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.body[-1].weight)
+    return model
 
-    def __init__(
-        self,
-        spec: ArchSpec,
-        cfg: TrainConfig,
-        device: torch.device,
-        mean: Sequence[float],
-        std: Sequence[float],
-        train_x: torch.Tensor,
-        train_y: torch.Tensor,
-        val_x: torch.Tensor | None,
-        val_y: torch.Tensor | None,
-    ) -> None:
+
+# Memory pressure that is not torch.OutOfMemoryError: the CPU allocator's failure, and
+# cuDNN / cuBLAS failing to get workspace (often how a full GPU shows up in a conv).
+OUT_OF_MEMORY_MARKS = (
+    "can't allocate memory",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "Unable to find a valid cuDNN algorithm",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDA out of memory",
+)
+
+
+def is_out_of_memory(e: RuntimeError) -> bool:
+    return any(mark in str(e) for mark in OUT_OF_MEMORY_MARKS)
+
+
+class _Run:
+    """One training run's state; `train()` is the loop."""
+
+    def __init__(self, spec: ArchSpec, cfg: TrainConfig, split: Split, device: torch.device):
         self.start = time.perf_counter()
         self.cfg, self.device = cfg, device
-        torch.manual_seed(cfg.seed)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        # channels_last feeds Tensor Cores on CUDA, and on this project's 2-core CPU it
-        # trained the DESIGN.md example 1.5x faster (138 vs 92 images/s) than NCHW.
-        self.model = build_model(spec).to(device, memory_format=torch.channels_last)
-        if cfg.zero_init:
-            for m in self.model.modules():
-                if isinstance(m, BasicBlock):
-                    nn.init.zeros_(m.body[-1].weight)
-        self.norm = Normalize(mean, std, device)
-        self.x, self.y = train_x.to(device), train_y.to(device)
-        self.val = None if val_x is None else (val_x.to(device), val_y.to(device))
+        self.model = initial_model(spec, cfg, device)
+        self.norm = Normalize(split.mean, split.std, device)
+        self.x, self.y = split.train_x.to(device), split.train_y.to(device)
+        self.val = None
+        if split.eval_x is not None and split.eval_y is not None:
+            self.val = (split.eval_x.to(device), split.eval_y.to(device))
         self.g = torch.Generator(device=device).manual_seed(cfg.seed)
         self.bs = min(cfg.batch_size, len(self.x))
         self.total = max(1, cfg.images // self.bs)
         self.opt = make_optimizer(self.model, cfg)
         warmup = round(cfg.warmup * self.total)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, self.total, warmup, cfg.schedule)
-        )
+        self.sched = lr_schedule(self.opt, self.total, warmup, cfg.schedule)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.ema = WeightAverage(self.model, cfg.ema * self.total) if cfg.ema else None
         self.order, self.pos = torch.empty(0, dtype=torch.long), 0
@@ -359,7 +378,7 @@ class _Run:
         self.sched.step()
         return loss.detach(), (out.argmax(1) == yb).sum()
 
-    def go(
+    def train(
         self,
         rungs: Sequence[float],
         on_eval: Callable[[EvalStats], None] | None,
@@ -380,7 +399,7 @@ class _Run:
                     raise Stopped(f"stopped at step {step} of {self.total}")
                 loss, right = self.step()
                 if self.ema is not None:
-                    self.ema.update(step)
+                    self.ema.update(self.model, step)
                 step += 1
                 loss_sum += loss
                 correct += right

@@ -8,7 +8,6 @@ all run this loop.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from models import ArchSpec
@@ -27,9 +27,9 @@ from search.data import SearchData
 from search.env import device_name
 from search.limits import Limits, over
 from search.profile import Profile
-from search.records import attach, trial_arch, trial_training
+from search.records import attach
 from search.sampler import make_sampler
-from search.signals import Stop
+from search.signals import Stop, critical
 from search.slots import Slots, this_process
 from search.study import derived_seed, heartbeat, join
 from search.trainer import (
@@ -73,6 +73,24 @@ class Search:
             "pruner": pruner,
             "recipe": {k: v for k, v in TrainConfig().to_dict().items() if k in RECIPE},
         }
+
+    def train(
+        self,
+        spec: ArchSpec,
+        cfg: TrainConfig,
+        on_eval: Callable[[EvalStats], None] | None = None,
+        stop: Stop | None = None,
+    ) -> TrainResult:
+        """Train a candidate as a trial does: on the search's split, with its rungs."""
+        return train(
+            spec,
+            cfg,
+            self.data.train_val,
+            device=self.device,
+            rungs=self.profile.rungs,
+            on_eval=on_eval,
+            stop=None if stop is None else stop.event,
+        )
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -126,7 +144,10 @@ def run_worker(
         cfg = space.suggest_training(trial, search.profile, len(search.data.train_y), seed)
         if not slots.claim(trial):  # another worker took the last free slot first
             trial.set_user_attr("unused", "not trained: another worker took the last slot")
-            study.tell(trial, state=TrialState.FAIL)
+            with critical():
+                study.tell(trial, state=TrialState.FAIL)
+                if "preset" in trial.user_attrs:  # the user queued it: queue it again, behind
+                    warm_start(study, [trial.user_attrs["preset"]], search, again=True)
             continue
         frozen = run_trial(study, trial, spec, cfg, search, stop, slots)
         if on_tell is not None and frozen is not None:
@@ -148,19 +169,31 @@ def run_trial(
     """Train a candidate that holds a slot, under the heartbeat, and tell how it ended.
 
     Interrupted: failed and queued again (it keeps its slot; interruptions do not
-    use up its retries). An unexpected error: failed with the reason, then raised.
+    use up its retries). Failed meanwhile by another worker (a heartbeat gap made
+    it look dead): given up here, since its retry is queued. An unexpected error:
+    failed with the reason, then raised.
     """
-    with heartbeat(study, trial):
-        try:
-            state, value = train_trial(trial, spec, cfg, search, stop)
-        except Exception as e:
-            trial.set_user_attr("failed", f"{type(e).__name__}: {one_line(e)}")
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-    if state == TrialState.FAIL:
-        slots.requeue(trial, max_retry=None)
+    try:
+        with heartbeat(trial):
+            try:
+                state, value = train_trial(trial, spec, cfg, search, stop)
+            except UpdateFinishedTrialError:
+                raise
+            except Exception as e:
+                trial.set_user_attr("failed", f"{type(e).__name__}: {one_line(e)}")
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                raise
+        if state == TrialState.FAIL:
+            slots.requeue(trial, interrupted=True)
+            return None
+        return study.tell(trial, value, state=state, skip_if_finished=True)
+    except UpdateFinishedTrialError:
+        print(
+            f"warning: trial {trial.number} was failed by another worker (no heartbeat for "
+            "the grace period); its retry will train the candidate",
+            file=sys.stderr,
+        )
         return None
-    return study.tell(trial, value, state=state)
 
 
 def one_line(e: BaseException) -> str:
@@ -186,31 +219,6 @@ def gate(trial: optuna.Trial, spec: ArchSpec, limits: Limits) -> bool:
     return reason is None
 
 
-def fit(
-    spec: ArchSpec,
-    cfg: TrainConfig,
-    search: Search,
-    on_eval: Callable[[EvalStats], None] | None = None,
-    stop: Stop | None = None,
-) -> TrainResult:
-    """The one trainer call of the search: its split, its rungs."""
-    d = search.data
-    return train(
-        spec,
-        cfg,
-        d.train_x,
-        d.train_y,
-        d.val_x,
-        d.val_y,
-        mean=d.mean,
-        std=d.std,
-        device=search.device,
-        rungs=search.profile.rungs,
-        on_eval=on_eval,
-        stop=None if stop is None else stop.event,
-    )
-
-
 def train_trial(
     trial: optuna.Trial, spec: ArchSpec, cfg: TrainConfig, search: Search, stop: Stop
 ) -> tuple[TrialState, float | None]:
@@ -231,7 +239,7 @@ def train_trial(
             )
 
     try:
-        result = fit(spec, cfg, search, report, stop)
+        result = search.train(spec, cfg, report, stop)
     except optuna.TrialPruned as e:
         return _ended(trial, TrialState.PRUNED, pruned=str(e), val_curve=curve)
     except TrainingDiverged as e:
@@ -268,30 +276,11 @@ def _ended(trial: optuna.Trial, state: TrialState, **attrs: object) -> tuple[Tri
     return state, None
 
 
-def replay(trial: FrozenTrial, search: Search) -> tuple[float, float]:
-    """Train a recorded trial again from its record: (stored, recomputed) validation
-    accuracy at the last rung it reached (a pruned trial stops where it was pruned)."""
-    reached = max(trial.intermediate_values)
-    stored = (
-        trial.value if trial.state == TrialState.COMPLETE else trial.intermediate_values[reached]
-    )
-    seen: list[float] = []
-
-    class Reached(Exception):
-        pass
-
-    def at_rung(s: EvalStats) -> None:
-        seen.append(s.val_acc)
-        if s.images >= reached:
-            raise Reached
-
-    with contextlib.suppress(Reached):
-        fit(trial_arch(trial), trial_training(trial), search, at_rung)
-    return stored, seen[-1]
-
-
-def warm_start(study: optuna.Study, names: list[str], search: Search) -> list[str]:
-    """Enqueue presets' architectures (training settings are sampled); what was skipped."""
+def warm_start(
+    study: optuna.Study, names: list[str], search: Search, again: bool = False
+) -> list[str]:
+    """Enqueue presets' architectures (training settings are sampled); what was skipped.
+    A preset already in the study is not queued twice, unless `again`."""
     from models.presets import preset
 
     skipped = []
@@ -302,5 +291,5 @@ def warm_start(study: optuna.Study, names: list[str], search: Search) -> list[st
         except ValueError as e:
             skipped.append(f"{name}: {e}")
             continue
-        study.enqueue_trial(params, user_attrs={"preset": name}, skip_if_exists=True)
+        study.enqueue_trial(params, user_attrs={"preset": name}, skip_if_exists=not again)
     return skipped

@@ -1,5 +1,8 @@
+import contextlib
+import io
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,7 @@ import sqlalchemy
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # benchmarks/ and docs/ for the tests that run them
 
 # Synthetic search trials of about a second each on the CPU.
 FAST_SEARCH = [
@@ -23,9 +27,48 @@ FAST_SEARCH = [
     "--device",
     "cpu",
     "--no-progress",
+    "--no-estimate",
     "--seed",
     "1",
 ]
+
+
+def examples(full: int) -> list:
+    """Hypothesis examples of a property test: a tenth (at least 25) in the default run,
+    the full count under the `slow` marker."""
+    return [max(25, full // 10), pytest.param(full, marks=pytest.mark.slow, id=f"all-{full}")]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished study, as `search.run` leaves it, shared by the tests that read one."""
+
+    cwd: Path
+    url: str
+    name: str
+    rc: int
+    out: str
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory) -> Finished:
+    """6 trained synthetic candidates (no pruning: every one complete), resnet-tiny
+    enqueued first, resnet18 refused by the budget; the CPU estimate printed."""
+    from search import run
+
+    cwd = tmp_path_factory.mktemp("finished")
+    url, name = f"sqlite:///{cwd}/study.db", "done"
+    argv = [a for a in FAST_SEARCH if a != "--no-estimate"]
+    argv += ["--trials", "6", "--pruner", "none", "--study-name", name, "--storage", url]
+    argv += ["--enqueue", "resnet-tiny", "--enqueue", "resnet18"]
+    here, out = os.getcwd(), io.StringIO()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out):
+            rc = run.main(argv)
+    finally:
+        os.chdir(here)
+    return Finished(cwd, url, name, rc, out.getvalue())
 
 
 @pytest.fixture

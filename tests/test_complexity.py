@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from torch import nn
@@ -10,6 +11,7 @@ from models import ArchSpec, build_model, count_macs, count_params, load_arch
 from models.complexity import count_bytes
 from models.presets import PRESETS
 
+from conftest import examples
 from strategies import arch_specs
 
 
@@ -43,30 +45,38 @@ def numel(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(arch_specs())
-def test_counts_equal_the_built_model(spec: ArchSpec) -> None:
-    # Meta tensors have exact shapes and numel but no storage, so the widest
-    # 5-stage, 6-block draws cost no memory and no initialisation time.
-    with torch.device("meta"):
+@pytest.mark.parametrize("n", examples(300))
+def test_counts_equal_the_built_model(n: int) -> None:
+    @settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(arch_specs())
+    def check(spec: ArchSpec) -> None:
+        # Meta tensors have exact shapes and numel but no storage, so the widest
+        # 5-stage, 6-block draws cost no memory and no initialisation time.
+        with torch.device("meta"):
+            model = build_model(spec).eval()
+            x = torch.empty(2, spec.in_channels, spec.input_size, spec.input_size)
+        assert count_params(spec) == numel(model)
+        macs, out = hooked_macs(model, x)
+        assert count_macs(spec) == macs
+        assert out.shape == (2, spec.num_classes)
+
+    check()
+
+
+@pytest.mark.parametrize("n", examples(40))
+def test_real_cpu_forward(n: int) -> None:
+    @settings(max_examples=n, deadline=None)
+    @given(arch_specs(max_blocks=2, max_width=48))
+    def check(spec: ArchSpec) -> None:
         model = build_model(spec).eval()
-        x = torch.empty(2, spec.in_channels, spec.input_size, spec.input_size)
-    assert count_params(spec) == numel(model)
-    macs, out = hooked_macs(model, x)
-    assert count_macs(spec) == macs
-    assert out.shape == (2, spec.num_classes)
+        assert count_params(spec) == numel(model)
+        x = torch.rand(3, spec.in_channels, spec.input_size, spec.input_size)
+        macs, out = hooked_macs(model, x)
+        assert count_macs(spec) == macs
+        assert out.shape == (3, spec.num_classes)
+        assert torch.isfinite(out).all()
 
-
-@settings(max_examples=40, deadline=None)
-@given(arch_specs(max_blocks=2, max_width=48))
-def test_real_cpu_forward(spec: ArchSpec) -> None:
-    model = build_model(spec).eval()
-    assert count_params(spec) == numel(model)
-    x = torch.rand(3, spec.in_channels, spec.input_size, spec.input_size)
-    macs, out = hooked_macs(model, x)
-    assert count_macs(spec) == macs
-    assert out.shape == (3, spec.num_classes)
-    assert torch.isfinite(out).all()
+    check()
 
 
 def test_design_example(examples_dir) -> None:
@@ -85,18 +95,23 @@ def payload(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(arch_specs())
-def test_bytes_equal_the_state_dict_payload(spec: ArchSpec) -> None:
-    with torch.device("meta"):
-        model = build_model(spec)
-    assert count_bytes(spec, "fp32") == payload(model)
-    assert count_bytes(spec, "fp16") == payload(model.half())
-    assert count_bytes(spec, "bf16") == payload(model.bfloat16())
-    int8 = sum(
-        t.numel() if t.is_floating_point() else 8 * t.numel() for t in model.state_dict().values()
-    )
-    assert count_bytes(spec, "int8") == int8
+@pytest.mark.parametrize("n", examples(200))
+def test_bytes_equal_the_state_dict_payload(n: int) -> None:
+    @settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(arch_specs())
+    def check(spec: ArchSpec) -> None:
+        with torch.device("meta"):
+            model = build_model(spec)
+        assert count_bytes(spec, "fp32") == payload(model)
+        assert count_bytes(spec, "fp16") == payload(model.half())
+        assert count_bytes(spec, "bf16") == payload(model.bfloat16())
+        int8 = sum(
+            t.numel() if t.is_floating_point() else 8 * t.numel()
+            for t in model.state_dict().values()
+        )
+        assert count_bytes(spec, "int8") == int8
+
+    check()
 
 
 def test_bytes_match_a_saved_file(tmp_path) -> None:

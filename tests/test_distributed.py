@@ -48,6 +48,7 @@ TINY = [
     "--device",
     "cpu",
     "--no-progress",
+    "--no-estimate",
 ]
 # Trials of a few seconds, so that a signal lands in the middle of one.
 SLOW_IMAGES = 6000
@@ -63,7 +64,12 @@ def study_name(request):
 
 
 def search(*args: str, cwd, env: dict[str, str] | None = None) -> subprocess.Popen:
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
+    """search.run in a subprocess. A single worker gets one thread (tests run side by
+    side); a --workers parent is left to divide the cores among its workers itself."""
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    full_env.pop("OMP_NUM_THREADS", None)
+    if "--workers" not in args:
+        full_env["OMP_NUM_THREADS"] = "1"
     return subprocess.Popen(
         [sys.executable, "-m", "search.run", *args],
         cwd=cwd,
@@ -147,7 +153,7 @@ def test_four_workers_reach_exactly_the_global_count(pg_url, study_name, tmp_pat
         .set(password=secret)
         .render_as_string(hide_password=False)
     )
-    args = [*TINY, "--workers", "4", "--trials", "200", "--study-name", study_name]
+    args = [*TINY, "--workers", "4", "--trials", "48", "--study-name", study_name]
     p = search(*args, cwd=tmp_path, env={"NAS_STORAGE": url})
     pids = wait_for(
         lambda: len(processes_of(study_name)) == 5 and processes_of(study_name), "workers", p
@@ -158,10 +164,10 @@ def test_four_workers_reach_exactly_the_global_count(pg_url, study_name, tmp_pat
     assert secret.encode() not in cmdlines and b"--worker" in cmdlines
     study = optuna.load_study(study_name=study_name, storage=pg_url)
     trials = study.get_trials(deepcopy=False)
-    assert_whole(trials, 200)
+    assert_whole(trials, 48)
     assert_distinct_candidates(trials)
     trained = [t for t in trials if is_trained(t)]
-    assert sorted(t.user_attrs[SLOT] for t in trained) == list(range(200))
+    assert sorted(t.user_attrs[SLOT] for t in trained) == list(range(48))
     assert len({t.user_attrs["worker"] for t in trained}) == 4
     files = "".join(
         f.read_text(errors="replace") for f in (tmp_path / "studies").rglob("*") if f.is_file()
@@ -179,12 +185,18 @@ def test_two_workers_share_one_sqlite_study(study_name, tmp_path) -> None:
     assert_distinct_candidates(trials)
     logs = worker_logs(tmp_path, study_name)
     assert "database is locked" not in logs and "Traceback" not in logs
+    # Each worker had its share of the cores, not all of them.
+    share = launch.cpu_threads(2, launch.cpu_cores())
+    threads = {
+        re.search(r"\((\d+) threads\)", t.user_attrs["device"])[1] for t in trials if is_trained(t)
+    }
+    assert threads == {str(share)}
 
 
 @pytest.mark.postgres
 def test_a_killed_workers_trial_is_failed_and_retried(pg_url, study_name, tmp_path) -> None:
     """Another machine's worker dies: its trial is failed after the grace period."""
-    args = [*SLOW, "--trials", "6", "--storage", pg_url, "--study-name", study_name]
+    args = [*SLOW, "--trials", "3", "--storage", pg_url, "--study-name", study_name]
     args += ["--heartbeat", "1", "--grace", "4"]
     victim = search(*args, cwd=tmp_path)
 
@@ -209,7 +221,7 @@ def test_a_killed_workers_trial_is_failed_and_retried(pg_url, study_name, tmp_pa
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
     assert retries and retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retries[0].params == trials[killed].params
-    assert_whole(trials, 6)
+    assert_whole(trials, 3)
 
 
 def test_a_dead_process_on_this_host_is_retried_at_once(study_name, tmp_path) -> None:
@@ -262,10 +274,10 @@ def interrupt_mid_trial(args: list[str], name: str, url: str, cwd, signum: int, 
 @pytest.mark.parametrize(
     ("backend", "workers", "signum"),
     [
-        ("sqlite", 1, signal.SIGTERM),
+        pytest.param("sqlite", 1, signal.SIGTERM, marks=pytest.mark.slow),
         ("sqlite", 1, signal.SIGINT),
         ("sqlite", 2, signal.SIGTERM),
-        pytest.param("postgres", 1, signal.SIGTERM, marks=pytest.mark.postgres),
+        pytest.param("postgres", 1, signal.SIGTERM, marks=[pytest.mark.postgres, pytest.mark.slow]),
         pytest.param("postgres", 2, signal.SIGINT, marks=pytest.mark.postgres),
     ],
 )

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
-import itertools
 import json
+import math
 import statistics
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
 
+from models import build_model
 from models.presets import preset
-from search.data import synthetic
-from search.final import load_checkpoint, run_once, save_checkpoint
+from models.resnet import BasicBlock
+from search.data import Dataset, Split, synthetic
+from search.final import load_checkpoint, save_checkpoint, train_final
 from search.trainer import (
+    SCHEDULES,
     Normalize,
     Stopped,
     TrainConfig,
     TrainingDiverged,
     evaluate,
-    lr_factor,
+    initial_model,
+    lr_schedule,
+    make_optimizer,
     rung_steps,
     train,
 )
@@ -31,12 +37,32 @@ from conftest import ROOT
 TINY = preset("resnet-tiny")
 
 
-def test_lr_schedules_warm_up_then_decay() -> None:
-    for kind in ("onecycle", "cosine"):
-        f = [lr_factor(s, 100, 20, kind) for s in range(100)]
-        assert f[0] == pytest.approx(0.05) and f[19] == pytest.approx(1.0)
-        assert all(a >= b for a, b in itertools.pairwise(f[19:]))
-        assert f[-1] < 0.05
+def train_only(d: Dataset) -> Split:
+    """The training images alone: no evaluation."""
+    return Split(d.train_x, d.train_y, d.mean, d.std)
+
+
+def closed_form(step: int, total: int, warmup: int, schedule: str) -> float:
+    """What the schedule must be: (step + 1) / warmup while warming up, then linear or
+    cosine decay from the peak to zero at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("warmup", [0, 1, 2, 20])
+def test_lr_schedule_warms_up_linearly_then_decays_to_zero(schedule, warmup) -> None:
+    """torch's schedulers, chained, give the closed form in every parameter group."""
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.3}])
+    sched = lr_schedule(opt, 100, warmup, schedule)
+    for step in range(100):
+        want = closed_form(step, 100, warmup, schedule)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1 * want, 0.3 * want])
+        opt.step()
+        sched.step()
 
 
 def test_config_round_trip_and_validation() -> None:
@@ -54,12 +80,7 @@ def test_loss_falls_and_rungs_report_on_the_way() -> None:
     res = train(
         TINY,
         TrainConfig(images=3072, batch_size=128, lr=0.05),
-        d.train_x,
-        d.train_y,
-        d.test_x,
-        d.test_y,
-        mean=d.mean,
-        std=d.std,
+        d.train_test,
         rungs=(0.25, 0.5, 1.0),
         on_eval=lambda s: seen.append((s.rung, s.images, s.step)),
     )
@@ -74,14 +95,7 @@ def test_length_is_images_seen_whatever_the_split_size() -> None:
     """A tiny split is passed over many times; a large one partly: the same steps."""
     for n in (256, 2048):
         d = synthetic(n_train=n, n_test=64)
-        res = train(
-            TINY,
-            TrainConfig(images=1024, batch_size=64),
-            d.train_x,
-            d.train_y,
-            mean=d.mean,
-            std=d.std,
-        )
+        res = train(TINY, TrainConfig(images=1024, batch_size=64), train_only(d))
         assert res.history[-1].step == 16
     assert rung_steps(16, (1 / 3, 2 / 3, 1.0)) == [5, 11, 16]
     with pytest.raises(ValueError, match="increasing fractions"):
@@ -92,7 +106,7 @@ def test_divergence_stops_cleanly() -> None:
     d = synthetic(n_train=512, n_test=64)
     cfg = TrainConfig(images=1536, batch_size=64, lr=1e12, warmup=0.0, weight_decay=0.0)
     with pytest.raises(TrainingDiverged, match="by step"):
-        train(TINY, cfg, d.train_x, d.train_y, mean=d.mean, std=d.std)
+        train(TINY, cfg, train_only(d))
 
 
 def test_a_stop_request_ends_training_between_steps() -> None:
@@ -106,51 +120,93 @@ def test_a_stop_request_ends_training_between_steps() -> None:
 
     with pytest.raises(Stopped, match="step 3 of 16"):
         train(
-            TINY,
-            TrainConfig(images=1024, batch_size=64),
-            d.train_x,
-            d.train_y,
-            mean=d.mean,
-            std=d.std,
-            on_step=on_step,
-            stop=stop,
+            TINY, TrainConfig(images=1024, batch_size=64), train_only(d), on_step=on_step, stop=stop
         )
     assert steps == [1, 2, 3]
 
 
-def test_recipe_parts_change_training() -> None:
-    """Each recipe part is wired in: with the same seed, switching it changes the result."""
-    d = synthetic(n_train=512, n_test=128)
-    base = TrainConfig(images=2560, batch_size=64)  # 40 steps: the EMA spans 2 of them
-    kwargs = {"mean": d.mean, "std": d.std}
-
-    def val_loss(cfg: TrainConfig) -> float:
-        return (
-            train(TINY, cfg, d.train_x, d.train_y, d.test_x, d.test_y, **kwargs)
-            .history[-1]
-            .val_loss
-        )
-
-    ref = val_loss(base)
-    assert val_loss(base) == ref  # deterministic on the CPU
-    for part in [{"ema": 0.0}, {"ema": 0.2}, {"tta": True}, {"zero_init": True}, {"bn_lr": 1.0}]:
-        assert val_loss(TrainConfig(**base.to_dict() | part)) != ref, part
+def test_bn_lr_puts_batchnorm_and_biases_at_a_multiple_without_decay() -> None:
+    model = build_model(TINY)
+    opt = make_optimizer(model, TrainConfig(lr=0.1, bn_lr=3.0, weight_decay=5e-4))
+    decay, no_decay = opt.param_groups
+    assert (decay["lr"], decay["weight_decay"]) == (0.1, 5e-4)
+    assert no_decay["lr"] == pytest.approx(0.3) and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_augmentation_settings_are_used() -> None:
+def last_batchnorms(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [b.body[-1].weight for b in model.modules() if isinstance(b, BasicBlock)]
+
+
+def test_zero_init_starts_every_block_as_the_identity() -> None:
+    on = initial_model(TINY, TrainConfig(zero_init=True), torch.device("cpu"))
+    off = initial_model(TINY, TrainConfig(zero_init=False), torch.device("cpu"))
+    assert last_batchnorms(on) and all((w == 0).all() for w in last_batchnorms(on))
+    assert all((w == 1).all() for w in last_batchnorms(off))
+
+
+def test_tta_averages_the_logits_of_each_image_and_its_mirror() -> None:
+    d = synthetic(n_train=64, n_test=64)
+    model = initial_model(TINY, TrainConfig(), torch.device("cpu")).eval()
+    norm = Normalize(d.mean, d.std, torch.device("cpu"))
+    with torch.no_grad():
+        x = norm(d.test_x)
+        both = (model(x) + model(x.flip(3))) / 2
+    loss, acc, pred = evaluate(model, d.test_x, d.test_y, norm, tta=True, batch_size=16)
+    assert torch.equal(pred, both.argmax(1))
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(both, d.test_y).item(), 1e-5)
+    assert acc == pytest.approx((pred == d.test_y).float().mean().item())
+
+
+def test_the_evaluated_model_is_an_ema_of_weights_and_batchnorm_statistics(monkeypatch) -> None:
+    """ema = f: the evaluated copy averages the trained weights and BatchNorm running
+    statistics with decay min(1 - 1/(f * steps), (1 + step) / (10 + step))."""
+    import search.trainer as trainer
+
+    d = synthetic(n_train=512, n_test=64)
+    cfg = TrainConfig(images=2560, batch_size=64, ema=0.2)  # 40 steps, the EMA spans 8
+    built, real = [], trainer.initial_model
+    monkeypatch.setattr(trainer, "initial_model", lambda *a: built.append(real(*a)) or built[-1])
+    seen: dict[str, list[torch.Tensor]] = {"w": [], "bn": []}
+
+    def on_step(_step: int, _total: int, _loss: torch.Tensor) -> None:
+        seen["w"].append(built[0].stem[0].weight.detach().clone())
+        seen["bn"].append(built[0].stem[1].running_mean.detach().clone())
+
+    res = train(TINY, cfg, train_only(d), on_step=on_step)
+    max_decay = 1 - 1 / (0.2 * 40)
+    for key, got in (("w", res.model.stem[0].weight), ("bn", res.model.stem[1].running_mean)):
+        ema = seen[key][0].clone()  # the first update copies
+        for step, now in enumerate(seen[key][1:], 1):
+            decay = min(max_decay, (1 + step) / (10 + step))
+            ema = decay * ema + (1 - decay) * now
+        assert torch.allclose(got, ema, atol=1e-6), key
+        assert not torch.allclose(got, seen[key][-1], atol=1e-4), key  # not the trained copy
+    assert train(TINY, replace(cfg, ema=0.0), train_only(d)).model is built[-1]
+
+
+def test_augmentation_settings_reach_the_augmentation(monkeypatch) -> None:
+    import search.trainer as trainer
+
+    calls, real = [], trainer.augment
+
+    def augment(x, g, padding, flip, cutout):
+        calls.append((padding, flip, cutout))
+        return real(x, g, padding, flip, cutout)
+
+    monkeypatch.setattr(trainer, "augment", augment)
     d = synthetic(n_train=256, n_test=64)
-    off = TrainConfig(images=256, batch_size=64, crop_padding=0, flip=False)
-    on = TrainConfig(images=256, batch_size=64, crop_padding=4, flip=True, cutout=8)
-    a = train(TINY, off, d.train_x, d.train_y, mean=d.mean, std=d.std).history[0].train_loss
-    b = train(TINY, on, d.train_x, d.train_y, mean=d.mean, std=d.std).history[0].train_loss
-    assert a != b  # same seed and data: only the augmentation differs
+    cfg = TrainConfig(images=256, batch_size=64, crop_padding=3, flip=False, cutout=8)
+    train(TINY, cfg, train_only(d))
+    assert calls == [(3, False, 8)] * 4
 
 
 @pytest.mark.parametrize("recipe", [{}, {"ema": 0.0, "tta": True}])
 def test_checkpoint_reproduces_the_recorded_test_accuracy(tmp_path, recipe) -> None:
     d = synthetic(n_train=512, n_test=256)
     cfg = TrainConfig(batch_size=128, **recipe)
-    run, model = run_once(TINY, cfg, 2, d, torch.device("cpu"))
+    run, model = train_final(TINY, cfg, 2, d, torch.device("cpu"))
     save_checkpoint(tmp_path / "model.pt", model, TINY, d, run)
     loaded, ckpt = load_checkpoint(tmp_path / "model.pt")
     norm = Normalize(
@@ -225,12 +281,5 @@ def test_cuda_out_of_memory_is_a_distinct_error() -> None:
     d = synthetic(n_train=4096, n_test=64)
     big = preset("resnet18")
     with pytest.raises(OutOfMemory, match="batch size"):
-        train(
-            big,
-            TrainConfig(images=4096 * 64, batch_size=4096 * 64),
-            d.train_x.repeat(64, 1, 1, 1),
-            d.train_y.repeat(64),
-            mean=d.mean,
-            std=d.std,
-            device="cuda",
-        )
+        big_split = Split(d.train_x.repeat(64, 1, 1, 1), d.train_y.repeat(64), d.mean, d.std)
+        train(big, TrainConfig(images=4096 * 64, batch_size=4096 * 64), big_split, device="cuda")
