@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import pickle
 import shutil
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -116,53 +115,45 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
 
 # --- CIFAR-10 -------------------------------------------------------------------------
 
-CIFAR_DIR = "cifar-10-batches-py"
-CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-
-
-def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One pickled batch of the python version of CIFAR-10: (N,3,32,32) uint8, labels."""
-    with path.open("rb") as f:
-        entry = pickle.load(f, encoding="latin1")
-    labels = entry.get("labels", entry.get("fine_labels"))
-    data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return data, np.asarray(labels, dtype=np.int64)
-
 
 def load_cifar10(root: Path, download: bool = True) -> Dataset:
-    folder = root / CIFAR_DIR
-    files = [folder / n for n in (*CIFAR_TRAIN, "test_batch", "batches.meta")]
-    if not all(f.exists() for f in files) and download:
-        import torchvision
+    """CIFAR-10 through torchvision: its download when online, and its checksum of every
+    file, so that a partial or altered copy is an error, not another dataset."""
+    from torchvision.datasets import CIFAR10
 
-        try:
-            torchvision.datasets.CIFAR10(str(root), train=True, download=True)
-        except Exception as e:  # offline: URLError, socket errors, a partial archive
-            raise DataError(
-                f"CIFAR-10 is not under {folder} and could not be downloaded ({e}); "
-                f"extract cifar-10-python.tar.gz into {root}, pass --data-dir to where "
-                "'cifar-10-batches-py' is, or use --dataset fashion-mnist"
-            ) from None
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise DataError(
-            f"CIFAR-10 under {folder} lacks {', '.join(missing)}; "
-            "pass --data-dir to a complete copy or use --dataset fashion-mnist"
-        )
+    folder = root / "cifar-10-batches-py"
     try:
-        train = [read_cifar_batch(folder / n) for n in CIFAR_TRAIN]
-        test_x, test_y = read_cifar_batch(folder / "test_batch")
-        with (folder / "batches.meta").open("rb") as f:
-            classes = tuple(pickle.load(f, encoding="latin1")["label_names"])
-    except (OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
-        raise DataError(f"CIFAR-10 under {folder} is unreadable ({e}); re-extract it") from None
+        train = CIFAR10(str(root), train=True, download=download)
+        test = CIFAR10(str(root), train=False)
+    except RuntimeError:  # torchvision's "not found or corrupted", without a download
+        names = [n for n, _ in CIFAR10.train_list + CIFAR10.test_list]
+        missing = [n for n in [*names, CIFAR10.meta["filename"]] if not (folder / n).exists()]
+        if missing:
+            raise DataError(
+                f"CIFAR-10 under {folder} lacks {', '.join(missing)}; "
+                "pass --data-dir to a complete copy or use --dataset fashion-mnist"
+            ) from None
+        raise DataError(
+            f"CIFAR-10 under {folder} fails its checksum (a partial or altered copy); "
+            f"extract cifar-10-python.tar.gz into {root} again"
+        ) from None
+    except Exception as e:  # offline: URLError, socket errors, a partial archive
+        raise DataError(
+            f"CIFAR-10 is not under {folder} (or fails its checksum) and could not be "
+            f"downloaded ({e}); extract cifar-10-python.tar.gz into {root}, pass --data-dir "
+            "to where 'cifar-10-batches-py' is, or use --dataset fashion-mnist"
+        ) from None
+
+    def chw(x: np.ndarray) -> torch.Tensor:  # torchvision keeps N x H x W x C
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
     return Dataset(
         "cifar10",
-        torch.from_numpy(np.concatenate([x for x, _ in train])),
-        torch.from_numpy(np.concatenate([y for _, y in train])),
-        torch.from_numpy(test_x),
-        torch.from_numpy(test_y),
-        classes,
+        chw(train.data),
+        torch.tensor(train.targets, dtype=torch.int64),
+        chw(test.data),
+        torch.tensor(test.targets, dtype=torch.int64),
+        tuple(train.classes),
     )
 
 

@@ -12,6 +12,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))  # benchmarks/ and docs/ for the tests that run them
 
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist, each test process gets its share of the cores for torch and
+    for the subprocesses it starts: N processes with every core each run N times the
+    threads there are cores for, and all of them crawl."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+_share_the_cores()
+
 # Synthetic search trials of about a second each on the CPU.
 FAST_SEARCH = [
     "--dataset",
@@ -95,3 +111,12 @@ def pg_url():
             pytest.fail(f"CI needs the PostgreSQL at {PG_URL}")
         pytest.skip(f"no PostgreSQL at {PG_URL}")
     return PG_URL
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The readers of the shared finished study run in one xdist process, which makes it
+    once (a session fixture is made once per process)."""
+    for item in items:
+        if "finished" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("finished"))

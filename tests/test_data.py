@@ -15,7 +15,8 @@ from search.data import DataError
 
 
 def write_cifar(root, per_batch: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A small copy of CIFAR-10 in its own pickled batch format."""
+    """A small copy of CIFAR-10 in its own pickled batch format. Its checksums stand in
+    for the real ones in torchvision's CIFAR10 class (see `small_cifar`)."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -44,8 +45,24 @@ def write_cifar(root, per_batch: int = 20, seed: int = 0) -> tuple[np.ndarray, n
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def test_cifar10_reads_its_batch_format(tmp_path) -> None:
+@pytest.fixture
+def small_cifar(tmp_path, monkeypatch):
+    """write_cifar's copy, with torchvision checking it against its own md5 sums."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import calculate_md5
+
     x, y = write_cifar(tmp_path)
+    folder = tmp_path / CIFAR10.base_folder
+    md5 = {f.name: calculate_md5(str(f)) for f in folder.iterdir()}
+    for which in ("train_list", "test_list"):
+        listed = [[name, md5[name]] for name, _ in getattr(CIFAR10, which)]
+        monkeypatch.setattr(CIFAR10, which, listed)
+    monkeypatch.setattr(CIFAR10, "meta", CIFAR10.meta | {"md5": md5["batches.meta"]})
+    return tmp_path, x, y
+
+
+def test_cifar10_reads_its_batch_format(small_cifar) -> None:
+    tmp_path, x, y = small_cifar
     ds = D.load_dataset("cifar10", tmp_path, download=False)
     assert ds.train_x.shape == (100, 3, 32, 32) and ds.train_x.dtype == torch.uint8
     assert ds.test_x.shape == (20, 3, 32, 32)
@@ -70,10 +87,19 @@ def test_cifar10_missing_offline_says_what_to_do(tmp_path, monkeypatch) -> None:
     assert str(tmp_path) in message and "--data-dir" in message and "fashion-mnist" in message
 
 
-def test_cifar10_incomplete_copy(tmp_path) -> None:
-    write_cifar(tmp_path)
+def test_cifar10_incomplete_copy(small_cifar) -> None:
+    tmp_path = small_cifar[0]
     (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
     with pytest.raises(DataError, match="lacks test_batch"):
+        D.load_dataset("cifar10", tmp_path, download=False)
+
+
+def test_cifar10_altered_copy_fails_its_checksum(small_cifar) -> None:
+    tmp_path = small_cifar[0]
+    with (tmp_path / "cifar-10-batches-py" / "data_batch_3").open("r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(DataError, match="fails its checksum"):
         D.load_dataset("cifar10", tmp_path, download=False)
 
 

@@ -161,11 +161,12 @@ def test_workers_get_the_gpus_their_parent_was_given() -> None:
 
 
 @pytest.mark.postgres
+@pytest.mark.xdist_group("processes")
 def test_two_array_tasks_join_one_study(pg_url, tmp_path) -> None:
     """The script run as SLURM runs two array tasks, against the real PostgreSQL."""
     name = f"test-sbatch-{uuid.uuid4().hex[:8]}"
     flags = " ".join(a for a in TINY if a != "--no-progress")
-    common = ["--study-name", name, "--trials", "12", "--storage", pg_url]
+    common = ["--study-name", name, "--trials", "6", "--storage", pg_url]
     created = subprocess.run(
         [
             sys.executable,
@@ -182,7 +183,7 @@ def test_two_array_tasks_join_one_study(pg_url, tmp_path) -> None:
     )
     assert created.returncode == 0, created.stderr
     try:
-        env = {"STUDY": name, "TRIALS": "12", "NAS_STORAGE": pg_url, "WORKERS": "1"}
+        env = {"STUDY": name, "TRIALS": "6", "NAS_STORAGE": pg_url, "WORKERS": "1"}
         env |= {"NAS_ARGS": flags, "SLURM_ARRAY_JOB_ID": "77", "PYTHONPATH": str(ROOT)}
         python = sys.executable
         env |= {"SLURM_SUBMIT_DIR": str(tmp_path), "NAS_PYTHON": python}
@@ -200,7 +201,7 @@ def test_two_array_tasks_join_one_study(pg_url, tmp_path) -> None:
         assert [p.returncode for p in procs] == [0, 0], outs
         assert "task 0 of job 77" in outs[0] and "task 1 of job 77" in outs[1]
         trials = optuna.load_study(study_name=name, storage=pg_url).get_trials(deepcopy=False)
-        assert_whole(trials, 12)
+        assert_whole(trials, 6)
         assert_distinct_candidates(trials)
         workers = {t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}
         assert len(workers) == 2 and counts(trials)["failed"] == 0

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from models.summary import main
+
 from conftest import ROOT
 
 
@@ -22,13 +24,14 @@ def test_design_example_prints_its_count(examples_dir) -> None:
     assert "stage4" in out.stdout and "512x4x4" in out.stdout
 
 
-def test_json_output(examples_dir) -> None:
-    out = summary(str(examples_dir / "resnet18-2111.json"), "--json")
-    data = json.loads(out.stdout)
+def test_json_output(examples_dir, capsys) -> None:
+    assert main([str(examples_dir / "resnet18-2111.json"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
     assert data["params"] == 4_977_226 and data["macs"] == 328_930_304
 
 
-def test_bad_inputs_are_one_line_errors(tmp_path) -> None:
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys) -> None:
+    """In-process: main() returns the exit code (the subprocess smoke test is above)."""
     broken = tmp_path / "broken.json"
     broken.write_text("{")
     invalid = tmp_path / "invalid.json"
@@ -49,7 +52,6 @@ def test_bad_inputs_are_one_line_errors(tmp_path) -> None:
         (broken, "not valid JSON"),
         (invalid, "stages[0].kernel"),
     ]:
-        out = summary(str(path))
-        assert out.returncode == 2
-        assert out.stderr.count("\n") == 1 and message in out.stderr
-        assert "Traceback" not in out.stderr
+        assert main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err

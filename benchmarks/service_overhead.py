@@ -1,0 +1,232 @@
+"""The service around a trial: what a worker does between trials, as the study grows.
+
+python -m benchmarks.service_overhead [--workers 1 16] [--trained 2000]
+    [--trial-seconds 2] [--postgres URL] [--name NAME] [--resume]
+
+On a GPU a small candidate's trial takes seconds, so what happens around it
+(storage round trips, the slot lock and its reads, sampling, the pruner, the
+heartbeat) decides how busy the GPUs are. Each worker here is a process that
+runs the real search loop (`search.worker.run_worker` on a real PostgreSQL
+study: ask, the space, the budget gate, the slot lock, TPE after its trained
+start, the median pruner, the heartbeat, tell) with one thing replaced, in
+this harness only: a candidate's training is a wait of `--trial-seconds`,
+reported at each rung with an accuracy that depends on the candidate's
+settings, so that TPE and the pruner have something to act on.
+
+Recorded per run: the idle fraction (the share of each worker's loop time
+spent outside a trial's wait), the seconds outside the wait per trained trial
+at 100, 1,000 and 2,000 trained trials (the gap before each trial, counted at
+the study's size when it started), its parts (storage calls of the worker's
+main thread, waiting in `Slots.wait`), the exact count, lost and duplicated
+slots, and the peak number of database connections. Run it alone on the
+machine: on 2 cores, 16 processes also wait for the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import statistics
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import optuna
+
+from benchmarks.machine import result_path, save
+from benchmarks.scale_workers import DEFAULT_URL, peak_connections
+
+MARKS = (100, 1000, 2000)  # trained trials at which the overhead is read
+
+
+def fake_accuracy(cfg: object, params: int, frac: float) -> float:
+    """A smooth, deterministic score of the sampled settings: best near lr 0.05 (SGD) or
+    3e-3 (AdamW), a little better when larger, rising with the rung."""
+    best = 0.05 if cfg.optimizer == "sgd" else 3e-3
+    lr_term = 0.08 * abs(math.log10(cfg.lr / best))
+    return max(0.1, 0.9 - lr_term + 0.01 * math.log10(params) - 0.1 * (1 - frac))
+
+
+def worker(url: str, name: str, cap: int, seconds: float, index: int, out: mp.Queue) -> None:
+    """One worker process: the real loop, its training replaced by a wait."""
+    import torch
+
+    import search.cli  # Optuna's experimental warnings off
+    from benchmarks.storage_overhead import StorageTimer
+    from models import count_params
+    from search.data import search_split, synthetic
+    from search.limits import Limits
+    from search.profile import QUICK
+    from search.signals import Stop
+    from search.slots import Slots
+    from search.study import make_pruner, make_storage
+    from search.trainer import EvalStats, TrainResult
+    from search.worker import Search, run_worker
+
+    waits: list[tuple[float, float]] = []
+
+    @dataclass(frozen=True)
+    class Waiting(Search):
+        """A Search whose candidates 'train' by waiting."""
+
+        def train(self, spec, cfg, on_eval=None, stop=None):
+            start, done = time.time(), 0.0
+            history = []
+            for rung, frac in enumerate(self.profile.rungs, 1):
+                time.sleep(seconds * (frac - done))
+                done = frac
+                acc = fake_accuracy(cfg, count_params(spec), frac)
+                history.append(
+                    EvalStats(rung, round(frac * cfg.images), rung, 0.0, 0.0, 0.0, acc, cfg.lr,
+                              seconds * frac, 0.0)
+                )  # fmt: skip
+                if on_eval is not None:
+                    try:
+                        on_eval(history[-1])
+                    except BaseException:
+                        waits.append((start, time.time()))
+                        raise
+            waits.append((start, time.time()))
+            return TrainResult(torch.nn.Identity(), history, seconds, seconds, 0.0)
+
+    class TimedSlots(Slots):
+        waited = 0.0
+
+        def wait(self, stopped, poll_s: float = 2.0) -> bool:
+            t0 = time.perf_counter()
+            try:
+                return super().wait(stopped, poll_s)
+            finally:
+                TimedSlots.waited += time.perf_counter() - t0
+
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        storage = make_storage(url)
+        timer = StorageTimer(storage)
+        pruner = make_pruner("median", QUICK.rung_images())
+        study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
+        data = search_split(synthetic(n_train=400, n_test=16), 0, 256, 64)
+        search = Waiting(data, Limits(5_000_000, QUICK.max_macs), QUICK, 0, torch.device("cpu"))
+        begin = time.time()
+        run_worker(study, search, TimedSlots(study, cap, url), Stop(), url=url)
+        end = time.time()
+        out.put(
+            {"worker": index, "begin": begin, "end": end, "waits": waits,
+             "storage_seconds": timer.seconds, "storage_calls": timer.calls,
+             "slot_wait_seconds": TimedSlots.waited, "error": None}
+        )  # fmt: skip
+    except Exception as e:  # reported; the run counts as failed
+        out.put({"worker": index, "error": repr(e), "waits": waits})
+
+
+def overhead_as_it_grows(reports: list[dict], marks: tuple[int, ...]) -> dict[str, float]:
+    """Mean seconds outside the wait before a trial, for trials started near each mark
+    (the 10% of trials before it): the gap since the same worker's previous wait
+    ended (or since its loop began)."""
+    gaps = []  # (start time, gap)
+    for r in reports:
+        last = r["begin"]
+        for start, end in sorted(r["waits"]):
+            gaps.append((start, start - last))
+            last = end
+    gaps.sort()
+    out = {}
+    for mark in marks:
+        window = [g for i, (_, g) in enumerate(gaps, 1) if mark - max(1, mark // 10) < i <= mark]
+        if window:
+            out[str(mark)] = round(statistics.mean(window), 4)
+    return out
+
+
+def measure(url: str, workers: int, cap: int, seconds: float) -> dict:
+    from search.records import counts
+    from search.slots import is_trained
+    from search.study import SLOT
+
+    name = f"overhead-{workers}-{uuid.uuid4().hex[:6]}"
+    optuna.create_study(study_name=name, storage=url, direction="maximize")
+    done, peak = threading.Event(), [0]
+    poller = threading.Thread(target=peak_connections, args=(url, done, peak))
+    poller.start()
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    t0 = time.time()
+    procs = [
+        ctx.Process(target=worker, args=(url, name, cap, seconds, i, out)) for i in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    reports = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    wall = time.time() - t0
+    done.set()
+    poller.join()
+    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    optuna.delete_study(study_name=name, storage=url)
+    c = counts(trials)
+    trained = [t for t in trials if is_trained(t)]
+    slots = [t.user_attrs.get(SLOT) for t in trained]
+    keys = [str(sorted(t.params.items())) for t in trained]
+    ok = [r for r in reports if r["error"] is None]
+    waited = sum(e - s for r in ok for s, e in r["waits"])
+    loop = sum(r["end"] - r["begin"] for r in ok)
+    n = max(1, c["trained"])
+    result = {
+        "workers": workers,
+        "trial_seconds": seconds,
+        "trained": c["trained"],
+        "counts": c,
+        "errors": [r["error"] for r in reports if r["error"]],
+        "exit_codes": [p.exitcode for p in procs],
+        "idle_fraction": round(1 - waited / loop, 4) if loop else None,
+        "idle_fraction_with_startup": round(1 - waited / (workers * wall), 4),
+        "lost": len(set(range(cap)) - set(slots)),
+        "duplicated": (len(slots) - len(set(slots))) + (len(keys) - len(set(keys))),
+        "peak_connections": peak[0],
+        "overhead_seconds_per_trained_trial": round((loop - waited) / n, 4),
+        "overhead_seconds_as_the_study_grows": overhead_as_it_grows(ok, MARKS),
+        "storage_seconds_per_trained_trial": round(sum(r["storage_seconds"] for r in ok) / n, 4),
+        "storage_calls_per_trained_trial": round(sum(r["storage_calls"] for r in ok) / n, 1),
+        "slot_wait_seconds_per_trained_trial": round(
+            sum(r["slot_wait_seconds"] for r in ok) / n, 4
+        ),
+        "wall_seconds": round(wall, 1),
+    }
+    print(
+        f"{workers:3d} workers, {seconds} s trials: {c['trained']} trained ({c['rejected']} "
+        f"rejected, {c['running']} running, {c['failed']} failed), idle "
+        f"{100 * (result['idle_fraction'] or 0):.1f}% of the loop, outside the wait "
+        f"{result['overhead_seconds_as_the_study_grows']} s per trial at "
+        f"{', '.join(map(str, MARKS))}; storage {result['storage_calls_per_trained_trial']} "
+        f"calls / {result['storage_seconds_per_trained_trial']} s, slot waits "
+        f"{result['slot_wait_seconds_per_trained_trial']} s per trial; lost {result['lost']}, "
+        f"duplicated {result['duplicated']}, peak {peak[0]} connections, wall {wall:.0f} s",
+        flush=True,
+    )
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--trained", type=int, default=2000)
+    ap.add_argument("--trial-seconds", type=float, default=2.0)
+    ap.add_argument("--postgres", default=DEFAULT_URL)
+    ap.add_argument("--name", default="service_overhead", help="results/NAME-cpu.json")
+    ap.add_argument("--resume", action="store_true", help="add these runs to the saved ones")
+    args = ap.parse_args()
+    import json
+
+    path = result_path(args.name)
+    runs = json.loads(path.read_text())["runs"] if args.resume and path.exists() else []
+    for n in args.workers:
+        runs.append(measure(args.postgres, n, args.trained, args.trial_seconds))
+        print(f"wrote {save(args.name, {'runs': runs})}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
