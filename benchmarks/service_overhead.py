@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
+import queue
 import statistics
 import threading
 import time
@@ -159,7 +160,15 @@ def measure(url: str, workers: int, cap: int, seconds: float) -> dict:
     ]
     for p in procs:
         p.start()
-    reports = [out.get() for _ in procs]
+    reports = []
+    while len(reports) < workers:  # a worker that died without a word must not hang this
+        try:
+            reports.append(out.get(timeout=10))
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                reports += [{"worker": -1, "error": "died without a report", "waits": []}] * (
+                    workers - len(reports)
+                )
     for p in procs:
         p.join()
     wall = time.time() - t0

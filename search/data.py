@@ -122,11 +122,12 @@ def load_cifar10(root: Path, download: bool = True) -> Dataset:
     from torchvision.datasets import CIFAR10
 
     folder = root / "cifar-10-batches-py"
-    try:
-        train = CIFAR10(str(root), train=True, download=download)
+    names = [n for n, _ in CIFAR10.train_list + CIFAR10.test_list]
+    missing = [n for n in [*names, CIFAR10.meta["filename"]] if not (folder / n).exists()]
+    try:  # a download only where files are missing: an altered copy is an error
+        train = CIFAR10(str(root), train=True, download=download and bool(missing))
         test = CIFAR10(str(root), train=False)
     except RuntimeError:  # torchvision's "not found or corrupted", without a download
-        names = [n for n, _ in CIFAR10.train_list + CIFAR10.test_list]
         missing = [n for n in [*names, CIFAR10.meta["filename"]] if not (folder / n).exists()]
         if missing:
             raise DataError(

@@ -9,6 +9,7 @@ parent (Ctrl-C, SIGTERM) is passed on to every worker, and the parent waits.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -47,11 +48,19 @@ def gpu_of(i: int, gpus: int, visible: str | None) -> str:
 
 
 def cpu_cores() -> int:
-    """The cores this process may run on (a container's or SLURM's share, not the host's)."""
+    """The cores this process may use: those it may run on (SLURM's, taskset's), and no
+    more than a container's CPU quota (cgroup v2 cpu.max: docker --cpus, Kubernetes)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def cpu_threads(workers: int, cores: int) -> int:

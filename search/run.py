@@ -83,7 +83,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--enqueue", action="append", default=[], metavar="PRESET", choices=list(PRESETS))
     add("--no-progress", action="store_true", help="no progress bar")
     add("--no-estimate", action="store_true", help="skip timing a trial before the search")
-    add("--workers", type=int, default=1, help="processes on this machine, one GPU each")
+    add(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes on this machine: one GPU each, or a share of the CPU's cores",
+    )
     add("--heartbeat", type=int, default=HEARTBEAT_S, help="seconds between heartbeats")
     add("--grace", type=int, default=GRACE_S, help="seconds without one before a retry")
     add("--artifact-dir", help="optuna-dashboard artifacts (default studies/NAME/artifacts)")
@@ -127,14 +132,18 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> tuple[optuna.Study, Se
         heartbeat=(args.heartbeat, args.grace),
     )
     # Only a process that trains holds the split on the device: a --workers parent does not.
-    trains = args.workers == 1 and not args.create_only
-    search = Search(
-        data.to(device) if trains else data, limits, profile, args.seed, device, args.artifact_dir
-    )
+    here = data.to(device) if trains(args) else data
+    search = Search(here, limits, profile, args.seed, device, args.artifact_dir)
     record_or_check(study, search.settings(args.pruner), args.storage)
     if "command" not in study.user_attrs:
         study.set_user_attr("command", command_line(argv))
     return study, search
+
+
+def trains(args: argparse.Namespace) -> bool:
+    """Whether this process trains candidates itself (not a --workers parent, not
+    --create-only): only such a process may touch the GPU."""
+    return args.workers == 1 and not args.create_only
 
 
 def command_line(argv: list[str], python: str = "python") -> str:
@@ -162,21 +171,23 @@ def announce(args: argparse.Namespace, study: optuna.Study, search: Search) -> N
     )
     # A parent of workers names no GPU: the name would create a CUDA context here (0.5 GB,
     # and under the EXCLUSIVE_PROCESS compute mode a GPU that worker 0 cannot get).
-    trains = args.workers == 1 and not args.create_only
-    on = device_name(search.device) if trains or search.device.type == "cpu" else "CUDA"
+    on = device_name(search.device) if trains(args) or search.device.type == "cpu" else "CUDA"
     print(f"{search.limits.describe()}; trials on {on}")
     print(search.profile.describe(len(d.train_y)), flush=True)
-    if search.device.type == "cpu" and not args.create_only and not args.no_estimate:
+    if search.device.type != "cpu" or args.create_only:
+        return
+    if not args.no_estimate:
         if args.workers > 1:  # time a trial as one worker will run it
             torch.set_num_threads(launch.cpu_threads(args.workers, launch.cpu_cores()))
         typical, fast, slow = estimate_trial_seconds(search)
+        total = args.trials * typical / args.workers
         print(
             f"a full trial takes about {typical:.0f} s on this CPU ({fast:.0f}-{slow:.0f} s); "
-            f"{args.trials} trials: at most {duration(args.trials * typical)}, less with pruning",
+            f"{args.trials} trials: at most {duration(total)}, less with pruning",
             flush=True,
         )
-        if not args.quick:
-            print("warning: no GPU; add --quick for a CPU demo profile", flush=True)
+    if not args.quick:
+        print("warning: no GPU; add --quick for a CPU demo profile", flush=True)
 
 
 def search_here(
@@ -203,7 +214,10 @@ def search_here(
     gpus = torch.cuda.device_count() if search.device.type == "cuda" else 0
     log_dir = Path("studies") / args.study_name
     procs = launch.start(args.workers, argv, args.storage, log_dir, gpus)
-    print(f"{args.workers} workers on {where(args.workers, gpus)}; logs in {log_dir}/worker-*.log")
+    print(
+        f"{args.workers} workers on {where(args.workers, gpus)}; logs in {log_dir}/worker-*.log",
+        flush=True,
+    )
     if not gpus and args.workers > launch.cpu_cores():
         print(
             f"note: more workers than the {launch.cpu_cores()} cores here; they share them, "

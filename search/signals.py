@@ -4,7 +4,8 @@ A signal sets an event, and a parent passes it on to its workers at once
 (`listeners`); the search loop and the trainer look at the event at safe points
 (between optimizer steps, between trials), so no storage call is cut in half.
 The running trial is then marked and retried later, and the process exits with
-128 + the signal's number. A second Ctrl-C stops at once.
+128 + the signal's number. A second Ctrl-C stops at once, except inside `critical()`
+(main thread only), which it lets finish first.
 """
 
 from __future__ import annotations

@@ -80,8 +80,8 @@ class Slots:
         the retry up.
         """
         while not stopped():
-            with study_lock(self.url, self.study.study_name):
-                optuna.storages.fail_stale_trials(self.study)
+            with critical(), study_lock(self.url, self.study.study_name):
+                optuna.storages.fail_stale_trials(self.study)  # fails and retries: one step
             trials = self.study.get_trials(deepcopy=False)
             if self.fail_dead(trials):
                 continue

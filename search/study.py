@@ -78,11 +78,11 @@ class Retry(RetryHeartbeatStaleTrialCallback):
         self.crash_limit, self.interrupted = max_retry, interrupted
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        candidate = copy.deepcopy(trial)
-        candidate.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in self.KEEP}
+        candidate = copy.deepcopy(trial)  # Optuna appends to its retry history in place
+        candidate.user_attrs = {k: v for k, v in candidate.user_attrs.items() if k in self.KEEP}
         # The gate sets the constraints again when the copy runs.
         candidate.system_attrs = {
-            k: v for k, v in trial.system_attrs.items() if not k.startswith("constraints")
+            k: v for k, v in candidate.system_attrs.items() if not k.startswith("constraints")
         }
         interrupted = list(trial.system_attrs.get(INTERRUPTED, []))
         if self.interrupted:
@@ -294,9 +294,10 @@ def join(study: optuna.Study, url: str | None, seed: int) -> tuple[int, int]:
 def heartbeat(trial: optuna.Trial) -> Iterator[None]:
     """The heartbeat `study.optimize` runs around a trial, for the ask-and-tell loop.
 
-    Unlike Optuna's own thread (which ends silently at the first database error,
-    so that other workers fail a trial that is still training), a failed beat is
-    reported and the next one is tried. Public storage API only.
+    Unlike Optuna's own thread (which ends at the first database error, and other
+    workers then fail a trial that is still training), a failed beat is reported
+    and the next one is tried. It calls the storage's `record_heartbeat`, which
+    Optuna's heartbeat interface declares; tests/test_faults.py pins what it uses.
     """
     storage = trial.storage
     interval = storage.get_heartbeat_interval() if hasattr(storage, "record_heartbeat") else None

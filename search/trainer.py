@@ -10,6 +10,7 @@ its epochs.
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import threading
@@ -20,13 +21,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 from models import ArchSpec, build_model
 from models.resnet import BasicBlock
 from search.data import Split, augment
 
 OPTIMIZERS = ("sgd", "adamw")
+# Trials trained by another version of the trainer do not compare: a study records it and
+# a resume with another refuses. 2: the weight average also averages BatchNorm statistics.
+TRAINER_VERSION = 2
 SCHEDULES = ("onecycle", "cosine")
 
 
@@ -62,9 +65,10 @@ class TrainConfig:
     flip: bool = True
     cutout: int = 0
     # The recipe: each part on or off as benchmarks/trial_recipe measured it on the quick
-    # profile (benchmarks/README.md#trial-recipe): the EMA and BatchNorm's higher learning
-    # rate help short trials; flip TTA, zero-init residuals and a shorter warmup hurt them.
-    ema: float = 0.05  # evaluate an EMA of the weights over this fraction of all steps; 0: off
+    # profile (benchmarks/README.md#trial-recipe): the weight average and BatchNorm's higher
+    # learning rate help short trials; flip TTA, zero-init residuals and a shorter warmup
+    # hurt them.
+    ema: float = 0.05  # evaluate an EMA of weights and BN statistics over this share of steps
     tta: bool = False  # evaluate on each image and its mirror image
     zero_init: bool = False  # each block's last BatchNorm starts at zero: blocks start as identity
     bn_lr: float = 3.0  # learning-rate multiplier of BatchNorm and bias parameters
@@ -213,34 +217,38 @@ def evaluate(
 
 
 class WeightAverage:
-    """An exponential moving average of the weights and BatchNorm statistics, the copy
-    that gets evaluated: torch's AveragedModel with `use_buffers`.
+    """An exponential moving average of the weights and the BatchNorm statistics: the
+    copy that gets evaluated (what AveragedModel(use_buffers=True) computes).
 
-    The decay ramps up from 0 so the random initial weights fade out quickly; it
-    is computed from a step count kept here, not from AveragedModel's device
-    counter, which would cost a GPU sync per step.
+    Not AveragedModel itself: it keeps its step counter on the CPU and copies it to
+    the device on every update, a blocking copy, so a GPU would wait twice a step;
+    it also regroups every tensor every step. Here the tensors are listed once and a
+    step is two foreach kernels. The decay ramps up from 0 so the random initial
+    weights fade out quickly; the first update copies.
     """
 
     def __init__(self, model: nn.Module, horizon_steps: float) -> None:
+        self.model = copy.deepcopy(model)
         self.max_decay = 1 - 1 / max(1.0, horizon_steps)
-        self.step = 0
-        self.averaged = AveragedModel(model, multi_avg_fn=self._lerp, use_buffers=True)
-
-    @property
-    def model(self) -> nn.Module:
-        return self.averaged.module
+        pairs = list(
+            zip(
+                [*self.model.parameters(), *self.model.buffers()],
+                [*model.parameters(), *model.buffers()],
+                strict=True,
+            )
+        )
+        self.floats = [[e.detach() for e, m in pairs if e.is_floating_point()],
+                       [m.detach() for e, m in pairs if e.is_floating_point()]]  # fmt: skip
+        self.counts = [[e for e, m in pairs if not e.is_floating_point()],
+                       [m for e, m in pairs if not e.is_floating_point()]]  # fmt: skip
 
     @torch.no_grad()
-    def _lerp(self, ema: list[torch.Tensor], now: list[torch.Tensor], _n: object) -> None:
-        if not torch.is_floating_point(ema[0]):  # BatchNorm's batch counters
-            torch._foreach_copy_(ema, now)
-            return
-        decay = min(self.max_decay, (1 + self.step) / (10 + self.step))
-        torch._foreach_lerp_(ema, now, 1 - decay)
-
-    def update(self, model: nn.Module, step: int) -> None:
-        self.step = step
-        self.averaged.update_parameters(model)
+    def update(self, step: int) -> None:
+        """After optimizer step `step` (0-based)."""
+        decay = 0.0 if step == 0 else min(self.max_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(*self.floats, 1 - decay)
+        if self.counts[0]:  # BatchNorm's batch counters: copied, not averaged
+            torch._foreach_copy_(*self.counts)
 
 
 def lr_schedule(
@@ -399,7 +407,7 @@ class _Run:
                     raise Stopped(f"stopped at step {step} of {self.total}")
                 loss, right = self.step()
                 if self.ema is not None:
-                    self.ema.update(self.model, step)
+                    self.ema.update(step)
                 step += 1
                 loss_sum += loss
                 correct += right

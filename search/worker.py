@@ -8,6 +8,7 @@ all run this loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -33,6 +34,7 @@ from search.signals import Stop, critical
 from search.slots import Slots, this_process
 from search.study import derived_seed, heartbeat, join
 from search.trainer import (
+    TRAINER_VERSION,
     EvalStats,
     OutOfMemory,
     Stopped,
@@ -72,6 +74,7 @@ class Search:
             "seed": self.seed,
             "pruner": pruner,
             "recipe": {k: v for k, v in TrainConfig().to_dict().items() if k in RECIPE},
+            "trainer": TRAINER_VERSION,
         }
 
     def train(
@@ -180,20 +183,24 @@ def run_trial(
             except UpdateFinishedTrialError:
                 raise
             except Exception as e:
-                trial.set_user_attr("failed", f"{type(e).__name__}: {one_line(e)}")
+                with contextlib.suppress(UpdateFinishedTrialError):  # the error, not this
+                    trial.set_user_attr("failed", f"{type(e).__name__}: {one_line(e)}")
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 raise
         if state == TrialState.FAIL:
             slots.requeue(trial, interrupted=True)
             return None
-        return study.tell(trial, value, state=state, skip_if_finished=True)
+        frozen = study.tell(trial, value, state=state, skip_if_finished=True)
+        if frozen.state == state:
+            return frozen
     except UpdateFinishedTrialError:
-        print(
-            f"warning: trial {trial.number} was failed by another worker (no heartbeat for "
-            "the grace period); its retry will train the candidate",
-            file=sys.stderr,
-        )
-        return None
+        pass
+    print(
+        f"warning: trial {trial.number} was failed by another worker (no heartbeat for the "
+        "grace period); its retry, if it has retries left, trains the candidate",
+        file=sys.stderr,
+    )
+    return None
 
 
 def one_line(e: BaseException) -> str:

@@ -187,6 +187,22 @@ def test_the_evaluated_model_is_an_ema_of_weights_and_batchnorm_statistics(monke
     assert train(TINY, replace(cfg, ema=0.0), train_only(d)).model is built[-1]
 
 
+def test_tta_setting_reaches_the_evaluation(monkeypatch) -> None:
+    import search.trainer as trainer
+
+    seen, real = [], trainer.evaluate
+
+    def evaluate(*args, **kwargs):
+        seen.append(kwargs["tta"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    d = synthetic(n_train=256, n_test=64)
+    for tta in (True, False):
+        train(TINY, TrainConfig(images=128, batch_size=64, tta=tta), d.train_test)
+    assert seen == [True, False]
+
+
 def test_augmentation_settings_reach_the_augmentation(monkeypatch) -> None:
     import search.trainer as trainer
 
