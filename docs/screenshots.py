@@ -90,9 +90,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        url = f"sqlite:///{work}/studies/{STUDY}.db"
+        url = f"sqlite:///studies/{STUDY}.db"  # the default storage, as a user has it
         run("-m", "search.run", "--dataset", "fashion-mnist", "--quick", "--no-progress",
-            "--trials", str(args.trials), "--storage", url, cwd=work)  # fmt: skip
+            "--trials", str(args.trials), cwd=work)  # fmt: skip
         best = work / "studies" / STUDY / "best.json"
         run("-m", "search.train", str(best), "--epochs", str(args.epochs), "--seeds", "2",
             "--no-progress", "-o", "runs/final", cwd=work)  # fmt: skip
@@ -105,12 +105,14 @@ def main() -> int:
             page.goto(html.as_uri())
             page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
             page.screenshot(path=str(args.out / "report.png"))
-            with dashboard(url, work / "studies" / STUDY / "artifacts") as address:
+            with dashboard(
+                f"sqlite:///{work}/studies/{STUDY}.db", work / "studies" / STUDY / "artifacts"
+            ) as address:
                 page.goto(address)
                 page.get_by_text(STUDY).first.click(timeout=60_000)
                 page.wait_for_url("**/studies/*", timeout=30_000)
-                page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
-                time.sleep(2)  # the history plot animates in
+                page.wait_for_load_state("networkidle", timeout=60_000)
+                time.sleep(3)  # the plots draw after the data arrives
                 page.screenshot(path=str(args.out / "dashboard.png"))
             browser.close()
     print(f"wrote {args.out / 'report.png'} and {args.out / 'dashboard.png'}")

@@ -27,9 +27,6 @@ from models.resnet import BasicBlock
 from search.data import Split, augment
 
 OPTIMIZERS = ("sgd", "adamw")
-# Trials trained by another version of the trainer do not compare: a study records it and
-# a resume with another refuses. 2: the weight average also averages BatchNorm statistics.
-TRAINER_VERSION = 2
 SCHEDULES = ("onecycle", "cosine")
 
 
@@ -68,7 +65,7 @@ class TrainConfig:
     # profile (benchmarks/README.md#trial-recipe): the weight average and BatchNorm's higher
     # learning rate help short trials; flip TTA, zero-init residuals and a shorter warmup
     # hurt them.
-    ema: float = 0.05  # evaluate an EMA of weights and BN statistics over this share of steps
+    ema: float = 0.05  # evaluate an EMA of the weights over this fraction of all steps; 0: off
     tta: bool = False  # evaluate on each image and its mirror image
     zero_init: bool = False  # each block's last BatchNorm starts at zero: blocks start as identity
     bn_lr: float = 3.0  # learning-rate multiplier of BatchNorm and bias parameters
@@ -217,38 +214,31 @@ def evaluate(
 
 
 class WeightAverage:
-    """An exponential moving average of the weights and the BatchNorm statistics: the
-    copy that gets evaluated (what AveragedModel(use_buffers=True) computes).
+    """An exponential moving average of the weights: the copy that gets evaluated.
 
-    Not AveragedModel itself: it keeps its step counter on the CPU and copies it to
-    the device on every update, a blocking copy, so a GPU would wait twice a step;
-    it also regroups every tensor every step. Here the tensors are listed once and a
-    step is two foreach kernels. The decay ramps up from 0 so the random initial
-    weights fade out quickly; the first update copies.
+    The decay ramps up from 0 so the random initial weights fade out quickly.
+    BatchNorm statistics are copied from the trained model, not averaged:
+    averaging them (AveragedModel's use_buffers) cost accuracy and made early rungs
+    rank worse (benchmarks/README.md#trial-recipe). Not AveragedModel for the rest
+    either: it copies its CPU step counter to the device on every update, a
+    blocking copy, so a GPU would wait each step; here the tensors are listed once
+    and a step is two foreach kernels.
     """
 
     def __init__(self, model: nn.Module, horizon_steps: float) -> None:
         self.model = copy.deepcopy(model)
         self.max_decay = 1 - 1 / max(1.0, horizon_steps)
-        pairs = list(
-            zip(
-                [*self.model.parameters(), *self.model.buffers()],
-                [*model.parameters(), *model.buffers()],
-                strict=True,
-            )
-        )
-        self.floats = [[e.detach() for e, m in pairs if e.is_floating_point()],
-                       [m.detach() for e, m in pairs if e.is_floating_point()]]  # fmt: skip
-        self.counts = [[e for e, m in pairs if not e.is_floating_point()],
-                       [m for e, m in pairs if not e.is_floating_point()]]  # fmt: skip
+        self.weights = [[p.detach() for p in self.model.parameters()],
+                        [p.detach() for p in model.parameters()]]  # fmt: skip
+        self.buffers = [list(self.model.buffers()), list(model.buffers())]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """After optimizer step `step` (0-based)."""
-        decay = 0.0 if step == 0 else min(self.max_decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(*self.floats, 1 - decay)
-        if self.counts[0]:  # BatchNorm's batch counters: copied, not averaged
-            torch._foreach_copy_(*self.counts)
+        decay = min(self.max_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(*self.weights, 1 - decay)
+        if self.buffers[0]:
+            torch._foreach_copy_(*self.buffers)
 
 
 def lr_schedule(

@@ -34,7 +34,6 @@ from search.signals import Stop, critical
 from search.slots import Slots, this_process
 from search.study import derived_seed, heartbeat, join
 from search.trainer import (
-    TRAINER_VERSION,
     EvalStats,
     OutOfMemory,
     Stopped,
@@ -74,7 +73,6 @@ class Search:
             "seed": self.seed,
             "pruner": pruner,
             "recipe": {k: v for k, v in TrainConfig().to_dict().items() if k in RECIPE},
-            "trainer": TRAINER_VERSION,
         }
 
     def train(
