@@ -414,16 +414,25 @@ def search_split(
 # --- batched augmentation on the training device ----------------------------------------
 
 
-def random_crop(x: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
-    """Zero-pad by `padding` and take a random HxW window per image: two gathers."""
+def random_crop(
+    x: torch.Tensor, padding: int, g: torch.Generator, flip: bool = False
+) -> torch.Tensor:
+    """Zero-pad by `padding` and take a random HxW window per image: two gathers.
+    With `flip`, a random half is also mirrored, within the same gathers (the
+    column index runs backwards): the result of random_flip after the crop,
+    the same random draws, two fewer passes over the batch."""
     if padding <= 0:
-        return x
+        return random_flip(x, g) if flip else x
     b, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=g)
     dx = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=g)
     rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+    j = torch.arange(w, device=x.device)
+    if flip:
+        mirrored = torch.rand(b, device=x.device, generator=g) < 0.5
+        j = torch.where(mirrored[:, None], w - 1 - j, j)
+    cols = (dx + j)[:, None, None, :]
     x = padded.gather(2, rows.expand(b, c, h, w + 2 * padding))
     return x.gather(3, cols.expand(b, c, h, w))
 
@@ -451,7 +460,4 @@ def augment(
     x: torch.Tensor, g: torch.Generator, padding: int = 4, flip: bool = True, cutout_size: int = 0
 ) -> torch.Tensor:
     """The training augmentation of one uint8 batch, all on its device."""
-    x = random_crop(x, padding, g)
-    if flip:
-        x = random_flip(x, g)
-    return cutout(x, cutout_size, g)
+    return cutout(random_crop(x, padding, g, flip), cutout_size, g)

@@ -23,6 +23,7 @@ from search.cli import STORAGE_ENV
 from search.signals import Stop
 
 PARENT_ENV = "NAS_PARENT_PID"
+SHARE_ENV = "NAS_GPU_SHARE"  # workers on this worker's GPU
 KILL_AFTER_S = 60  # a worker that has not stopped this long after the signal is killed
 
 
@@ -73,20 +74,24 @@ def cpu_threads(workers: int, cores: int) -> int:
 def start(n: int, argv: list[str], url: str, log_dir: Path, gpus: int) -> list[subprocess.Popen]:
     """Start `n` workers of this command; logs in log_dir/worker-<host>-<i>.log.
 
-    On the CPU (`gpus` 0) each worker gets its share of the cores as its thread count.
+    Each worker gets its share of the cores as its thread count; on a GPU that
+    several workers share, also its share of the GPU's memory (`share_gpu`).
     """
     log_dir.mkdir(parents=True, exist_ok=True)
-    child = [*without(without(argv, "--workers"), "--storage"), "--worker", "--no-progress"]
+    child = [*without(without(without(argv, "--workers"), "--workers-per-gpu"), "--storage")]
+    child += ["--worker", "--no-progress"]
     if gpus:  # each worker sees one GPU, whatever --device cuda:N the parent was given
         child = [*without(child, "--device"), "--device", "cuda"]
     procs = []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    threads = str(cpu_threads(n, cpu_cores()))
     for i in range(n):
         env = dict(os.environ, **{STORAGE_ENV: url, PARENT_ENV: str(os.getpid())})
+        env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpu_of(i, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        else:
-            threads = str(cpu_threads(n, cpu_cores()))
-            env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+            gpu = gpu_of(i, gpus, visible)
+            share = sum(gpu_of(j, gpus, visible) == gpu for j in range(n))
+            env |= {"CUDA_VISIBLE_DEVICES": gpu, SHARE_ENV: str(share)}
         with (log_dir / f"worker-{socket.gethostname()}-{i}.log").open("a") as log:
             procs.append(
                 subprocess.Popen(
@@ -99,6 +104,20 @@ def start(n: int, argv: list[str], url: str, log_dir: Path, gpus: int) -> list[s
                 )
             )
     return procs
+
+
+def share_gpu(device: object) -> float | None:
+    """In a worker on a GPU shared by k workers: cap this process at 1/k of the GPU's
+    memory, so that a candidate fails for lack of memory by its own size and batch,
+    never because its neighbours held the memory (the sampler learns from that
+    failure that the size does not fit). The cap, or None."""
+    import torch
+
+    share = int(os.environ.get(SHARE_ENV, "1"))
+    if share <= 1 or getattr(device, "type", None) != "cuda":
+        return None
+    torch.cuda.set_per_process_memory_fraction(1 / share, device.index)  # None: the current
+    return 1 / share
 
 
 def follow(procs: list[subprocess.Popen], stop: Stop, tick: Callable[[], None]) -> list[int]:

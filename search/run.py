@@ -7,6 +7,7 @@ after marking the running trial, writes best.json and says how to go on.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shlex
@@ -89,6 +90,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=1,
         help="processes on this machine: one GPU each, or a share of the CPU's cores",
     )
+    add(
+        "--workers-per-gpu",
+        type=int,
+        metavar="K",
+        help="K workers on each GPU, each capped at 1/K of its memory: small candidates "
+        "leave a GPU idle between their kernels",
+    )
     add("--heartbeat", type=int, default=HEARTBEAT_S, help="seconds between heartbeats")
     add("--grace", type=int, default=GRACE_S, help="seconds without one before a retry")
     add("--artifact-dir", help="optuna-dashboard artifacts (default studies/NAME/artifacts)")
@@ -98,6 +106,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("trials", "workers", "heartbeat"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.workers_per_gpu is not None:
+        if args.workers != 1:
+            ap.error("give --workers or --workers-per-gpu, not both")
+        if args.workers_per_gpu < 1:
+            ap.error(f"--workers-per-gpu must be at least 1, got {args.workers_per_gpu}")
+        gpus = torch.cuda.device_count() if args.device != "cpu" else 0
+        if not gpus:
+            ap.error("--workers-per-gpu needs a GPU and this machine has none; use --workers")
+        args.workers = args.workers_per_gpu * gpus
     if args.grace <= args.heartbeat:
         ap.error(f"--grace ({args.grace}) must be longer than --heartbeat ({args.heartbeat})")
     if args.study_name is None:
@@ -132,6 +149,8 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> tuple[optuna.Study, Se
         heartbeat=(args.heartbeat, args.grace),
     )
     # Only a process that trains holds the split on the device: a --workers parent does not.
+    if trains(args):
+        launch.share_gpu(device)
     here = data.to(device) if trains(args) else data
     search = Search(here, limits, profile, args.seed, device, args.artifact_dir)
     record_or_check(study, search.settings(args.pruner), args.storage)
@@ -237,7 +256,8 @@ def search_here(
 
 def where(workers: int, gpus: int) -> str:
     if gpus:
-        return f"{gpus} GPU(s)"
+        each = f", {math.ceil(workers / gpus)} on each" if workers > gpus else ""
+        return f"{gpus} GPU(s){each}"
     threads = launch.cpu_threads(workers, launch.cpu_cores())
     return f"the CPU, {threads} thread{'s' if threads > 1 else ''} each"
 

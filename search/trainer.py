@@ -144,18 +144,26 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay on conv and linear weights only; BatchNorm and biases at `bn_lr` x lr."""
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, fused: bool | None = None
+) -> torch.optim.Optimizer:
+    """Weight decay on conv and linear weights only; BatchNorm and biases at `bn_lr` x lr.
+
+    `fused` (one kernel for the whole update) defaults to on for CUDA; torch has it
+    on the CPU too, which is how the tests run that branch.
+    """
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
         {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr * cfg.bn_lr},
     ]
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    if fused is None:
+        fused = next(model.parameters()).is_cuda
+    kw = {"fused": True} if fused else {}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, **fused)
+        return torch.optim.AdamW(groups, lr=cfg.lr, **kw)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, **kw)
 
 
 class Normalize:
@@ -178,9 +186,12 @@ class Normalize:
         return x.mul_(self.scale).sub_(self.shift)
 
 
-def _autocast(device: torch.device) -> torch.autocast:
-    # bf16 on CUDA (BatchNorm keeps fp32 weights and statistics under autocast); fp32 on CPU.
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, bf16: bool | None = None) -> torch.autocast:
+    """bf16 autocast, by default on CUDA only (BatchNorm keeps fp32 weights and statistics
+    under it); `bf16=True` runs that branch on the CPU. One object serves a whole run:
+    building it checks the device's bf16 support each time."""
+    on = device.type == "cuda" if bf16 is None else bf16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 @torch.inference_mode()
@@ -191,21 +202,31 @@ def evaluate(
     norm: Normalize,
     tta: bool = False,
     batch_size: int = 1024,
+    amp: torch.autocast | None = None,
+    fixed_shape: bool | None = None,
 ) -> tuple[float, float, torch.Tensor]:
     """(mean loss, accuracy, predictions on the device) over a uint8 split on the device.
 
     With `tta`, the logits of each image and its mirror image are averaged.
+    `fixed_shape` (default: on CUDA) pads the ragged last batch to `batch_size`,
+    so that cudnn.benchmark tunes one evaluation shape per model, not two.
     """
     was_training = model.training
     model.eval()
+    if fixed_shape is None:
+        fixed_shape = x.is_cuda
     loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
     preds = []
-    with _autocast(x.device):
+    with amp or autocast(x.device):
         for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+            n = len(xb)
+            if fixed_shape and n < batch_size < len(x):
+                xb = torch.cat([xb, xb.new_zeros((batch_size - n, *xb.shape[1:]))])
             xb = norm(xb)
             out = model(xb).float()
             if tta:
                 out = (out + model(xb.flip(3)).float()) / 2
+            out = out[:n]
             loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum")
             preds.append(out.argmax(1))
     model.train(was_training)
@@ -276,6 +297,7 @@ def train(
     on_eval: Callable[[EvalStats], None] | None = None,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
     stop: threading.Event | None = None,
+    bf16: bool | None = None,
 ) -> TrainResult:
     """Train `spec` from scratch for `cfg.images` images of `split`, evaluating at each
     rung on its evaluation images (if any).
@@ -284,10 +306,11 @@ def train(
     `on_step(step, total, loss)` follows every step; a set `stop` ends it with
     Stopped. Raises TrainingDiverged on a NaN/inf loss and OutOfMemory when
     the device cannot hold the model and batch, after freeing what it held.
+    `bf16`: autocast to bfloat16; default on CUDA only.
     """
     device = torch.device(device)
     try:
-        return _Run(spec, cfg, split, device).train(rungs, on_eval, on_step, stop)
+        return _Run(spec, cfg, split, device, bf16).train(rungs, on_eval, on_step, stop)
     except torch.OutOfMemoryError as e:
         message = str(e).splitlines()[0] if str(e) else "out of memory"
     except RuntimeError as e:
@@ -332,9 +355,17 @@ def is_out_of_memory(e: RuntimeError) -> bool:
 class _Run:
     """One training run's state; `train()` is the loop."""
 
-    def __init__(self, spec: ArchSpec, cfg: TrainConfig, split: Split, device: torch.device):
+    def __init__(
+        self,
+        spec: ArchSpec,
+        cfg: TrainConfig,
+        split: Split,
+        device: torch.device,
+        bf16: bool | None = None,
+    ) -> None:
         self.start = time.perf_counter()
         self.cfg, self.device = cfg, device
+        self.amp = autocast(device, bf16)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.model = initial_model(spec, cfg, device)
@@ -367,7 +398,7 @@ class _Run:
         cfg = self.cfg
         xb = augment(self.x[idx], self.g, cfg.crop_padding, cfg.flip, cfg.cutout)
         yb = self.y[idx]
-        with _autocast(self.device):
+        with self.amp:
             out = self.model(self.norm(xb))
             loss = self.criterion(out.float(), yb)
         self.opt.zero_grad(set_to_none=True)
@@ -442,7 +473,7 @@ class _Run:
         if self.val is not None:
             model = self.ema.model if self.ema is not None else self.model
             val_loss, val_acc, self.last_pred = evaluate(
-                model, *self.val, self.norm, tta=self.cfg.tta
+                model, *self.val, self.norm, tta=self.cfg.tta, amp=self.amp
             )
         return EvalStats(
             rung=rung,
