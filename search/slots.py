@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search.draft import is_draft, write
 from search.signals import critical
 from search.study import MAX_RETRY, SLOT, Retry, study_lock
 
@@ -39,20 +40,24 @@ class Slots:
 
     def __init__(self, study: optuna.Study, cap: int, url: str | None) -> None:
         self.study, self.cap, self.url = study, cap, url
+        self.next_stale_check = 0.0
 
-    def claim(self, trial: optuna.Trial) -> bool:
-        """Give `trial` a slot, atomically across workers; False if none is left.
-
-        A retried trial (a copy of one whose run ended early) keeps the slot it had.
+    def claim(self, trial: optuna.Trial) -> optuna.Trial | None:
+        """`trial` holding one of the study's slots, atomically across workers; None if
+        none is left. A draft (search.draft) is written here, RUNNING with its slot, under
+        the lock that counts the slots; a retried trial keeps the slot it had.
         """
         if SLOT in trial.user_attrs:
-            return True
+            return trial
         with study_lock(self.url, self.study.study_name):
             held = len(slot_holders(self.study.get_trials(deepcopy=False)))
             if held >= self.cap:
-                return False
-            trial.set_user_attr(SLOT, held)
-            return True
+                return None
+            if not is_draft(trial):
+                trial.set_user_attr(SLOT, held)
+                return trial
+            trial_id = write(self.study, trial, TrialState.RUNNING, **{SLOT: held})
+        return optuna.Trial(self.study, trial_id)  # outside the lock: it reads the study
 
     def requeue(self, trial: optuna.Trial | int, interrupted: bool = False) -> bool:
         """Fail a running trial and queue its copy, which keeps its slot; False when
@@ -80,8 +85,7 @@ class Slots:
         the retry up.
         """
         while not stopped():
-            with critical(), study_lock(self.url, self.study.study_name):
-                optuna.storages.fail_stale_trials(self.study)  # fails and retries: one step
+            self.fail_stale()
             trials = self.study.get_trials(deepcopy=False)
             if self.fail_dead(trials):
                 continue
@@ -93,6 +97,16 @@ class Slots:
                 return True
             time.sleep(poll_s)
         return False
+
+    def fail_stale(self) -> None:
+        """Fail and retry trials whose heartbeat is older than the grace period; at most
+        once a heartbeat interval, the time scale on which a trial can become stale."""
+        interval = getattr(self.study._storage, "get_heartbeat_interval", lambda: None)()
+        if not interval or time.monotonic() < self.next_stale_check:
+            return
+        with critical(), study_lock(self.url, self.study.study_name):
+            optuna.storages.fail_stale_trials(self.study)  # fails and retries: one step
+        self.next_stale_check = time.monotonic() + interval
 
     def fail_dead(self, trials: list[FrozenTrial]) -> list[int]:
         """Fail and retry RUNNING trials whose process is known to be gone; their numbers."""

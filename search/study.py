@@ -236,7 +236,11 @@ _ENGINES: dict[str, sqlalchemy.Engine] = {}
 
 def _lock_engine(url: str) -> sqlalchemy.Engine:
     if url not in _ENGINES:
-        _ENGINES[url] = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        # One connection kept: a new PostgreSQL connection is a server process started,
+        # and the lock is taken twice a trial.
+        _ENGINES[url] = sqlalchemy.create_engine(
+            url, pool_size=1, max_overflow=1, pool_pre_ping=True, pool_recycle=1800
+        )
     return _ENGINES[url]
 
 
@@ -304,8 +308,7 @@ def heartbeat(trial: optuna.Trial) -> Iterator[None]:
     if not interval:
         yield
         return
-    study_id = storage.get_study_id_from_name(trial.study.study_name)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+    trial_id = trial._trial_id  # as Study.optimize's own heartbeat has it
     done = threading.Event()
 
     def beat() -> None:

@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from models import ArchSpec
 from search import space
 from search.data import SearchData
+from search.draft import drafting, is_draft, write, written
 from search.env import device_name
 from search.limits import Limits, over
 from search.profile import Profile
@@ -126,14 +127,17 @@ def run_worker(
     def finished() -> bool:
         return stop() or (deadline is not None and time.monotonic() >= deadline)
 
+    drafts = drafting(study)  # a new trial is written once, not once per suggest
     rejected_in_a_row = 0
     while slots.wait(finished):
-        trial = study.ask()
+        trial = drafts.ask()
+        if not is_draft(trial):  # one the study had queued (a retry, a preset): in the database
+            trial = optuna.Trial(study, trial._trial_id)
         for key, value in who.items():
             trial.set_user_attr(key, value)
         spec = space.suggest_arch(trial, search.data.shape, search.limits)
         if not gate(trial, spec, search.limits):
-            frozen = study.tell(trial, state=TrialState.PRUNED)
+            frozen = rejected(study, trial)
             rejected_in_a_row += 1
             if on_tell is not None:
                 on_tell(study, frozen)
@@ -141,21 +145,39 @@ def run_worker(
                 return "gave up"
             continue
         rejected_in_a_row = 0
-        seed = trial_seed(search.seed, trial.number)
-        cfg = space.suggest_training(trial, search.profile, len(search.data.train_y), seed)
-        if not slots.claim(trial):  # another worker took the last free slot first
-            trial.set_user_attr("unused", "not trained: another worker took the last slot")
-            with critical():
-                study.tell(trial, state=TrialState.FAIL)
-                if "preset" in trial.user_attrs:  # the user queued it: queue it again, behind
-                    warm_start(study, [trial.user_attrs["preset"]], search, again=True)
+        cfg = space.suggest_training(trial, search.profile, len(search.data.train_y), 0)
+        trial.set_user_attr("device", device_name(search.device))
+        claimed = slots.claim(trial)
+        if claimed is None:  # another worker took the last free slot first
+            unused(study, trial, search)
             continue
-        frozen = run_trial(study, trial, spec, cfg, search, stop, slots)
+        cfg = replace(cfg, seed=trial_seed(search.seed, claimed.number))
+        frozen = run_trial(study, claimed, spec, cfg, search, stop, slots)
         if on_tell is not None and frozen is not None:
             on_tell(study, frozen)
     if stop():
         return "interrupted"
     return "timeout" if deadline is not None and time.monotonic() >= deadline else "done"
+
+
+def rejected(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
+    """Tell a candidate the gate rejected: PRUNED, with its sizes and constraints."""
+    if is_draft(trial):
+        return written(study, write(study, trial, TrialState.PRUNED))
+    return study.tell(trial, state=TrialState.PRUNED)
+
+
+def unused(study: optuna.Study, trial: optuna.Trial, search: Search) -> None:
+    """A candidate that found no slot: failed as unused; a queued preset is queued again."""
+    why = "not trained: another worker took the last slot"
+    if is_draft(trial):
+        write(study, trial, TrialState.FAIL, unused=why)
+        return
+    trial.set_user_attr("unused", why)
+    with critical():
+        study.tell(trial, state=TrialState.FAIL)
+        if "preset" in trial.user_attrs:  # the user queued it: queue it again, behind
+            warm_start(study, [trial.user_attrs["preset"]], search, again=True)
 
 
 def run_trial(
@@ -230,7 +252,6 @@ def train_trial(
     """Train one candidate, reporting at each rung; the state to tell, and the value."""
     trial.set_user_attr("training", cfg.to_dict())
     trial.set_user_attr("seed", cfg.seed)
-    trial.set_user_attr("device", device_name(search.device))
     curve: list[float] = []
 
     def report(s: EvalStats) -> None:

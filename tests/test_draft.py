@@ -1,0 +1,123 @@
+"""A new trial is a draft until the gate rejects it or it takes a slot: then it is
+written once, on a real SQLite study, with everything a trial told step by step had."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from search import space
+from search.data import search_split, synthetic
+from search.draft import drafting, is_draft, write, written
+from search.limits import Limits
+from search.profile import Profile
+from search.signals import Stop
+from search.slots import Slots, is_trained
+from search.study import SLOT, open_study
+from search.worker import Search, gate, run_worker, trial_seed
+
+
+def small_search() -> Search:
+    data = search_split(synthetic(n_train=1024, n_test=64), 0, train_images=512, val_images=256)
+    profile = Profile("test", 768, (1 / 3, 2 / 3, 1.0), min_steps=8, batch_sizes=(64, 128))
+    return Search(data, Limits(5_000_000, 30_000_000), profile, 0, torch.device("cpu"))
+
+
+class Writes:
+    """Counts the study storage's writes, by method."""
+
+    NAMES = ("create_new_trial", "set_trial_param", "set_trial_user_attr",
+             "set_trial_system_attr")  # fmt: skip
+
+    def __init__(self, study: optuna.Study, monkeypatch) -> None:
+        self.calls: list[tuple[str, object]] = []
+        for name in self.NAMES:
+            real = getattr(study._storage, name)
+
+            def counted(*args, _name=name, _real=real, **kwargs):
+                self.calls.append((_name, args[1] if len(args) > 1 else None))
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(study._storage, name, counted)
+
+    def count(self, name: str) -> int:
+        return sum(n == name for n, _ in self.calls)
+
+
+def test_a_search_writes_each_new_trial_once(tmp_path, monkeypatch) -> None:
+    """No suggestion and no attribute of a candidate reaches the database one by one
+    before it is rejected or takes a slot: one create per trial, no params after it."""
+    study = open_study(f"sqlite:///{tmp_path}/s.db", "s", heartbeat=None)
+    writes = Writes(study, monkeypatch)
+    search = small_search()
+    assert run_worker(study, search, Slots(study, 3, None), Stop(), url=None) == "done"
+    trials = study.get_trials()
+    assert sum(map(is_trained, trials)) == 3 and any("rejected" in t.user_attrs for t in trials)
+    assert writes.count("create_new_trial") == len(trials)
+    assert writes.count("set_trial_param") == 0
+    before_training = {"worker", "sampler_seed", "process", "params", "macs", "arch", SLOT}
+    assert not before_training & {key for name, key in writes.calls if name.startswith("set_")}
+    for t in trials:
+        assert t.number >= 0 and t.params and {"worker", "arch", "params"} <= t.user_attrs.keys()
+        assert any(k.startswith("constraints") for k in t.system_attrs)
+        if is_trained(t):  # the seed comes from the number the trial was written with
+            assert t.user_attrs["seed"] == trial_seed(search.seed, t.number)
+            assert t.user_attrs[SLOT] in range(3) and t.distributions.keys() == t.params.keys()
+
+
+def test_a_draft_is_written_as_the_trial_it_would_have_been(tmp_path) -> None:
+    """The same params, distributions, attributes and constraints as a trial asked and
+    told on the study itself, from the same sampler seed."""
+    search = small_search()
+    told = []
+    for drafted in (False, True):
+        study = open_study(f"sqlite:///{tmp_path}/{drafted}.db", "s", heartbeat=None)
+        study.sampler = optuna.samplers.RandomSampler(seed=1)
+        asking = drafting(study) if drafted else study
+        trial = asking.ask()
+        assert is_draft(trial) is drafted
+        spec = space.suggest_arch(trial, search.data.shape, search.limits)
+        gate(trial, spec, search.limits)
+        space.suggest_training(trial, search.profile, 512, 0)
+        trial.set_user_attr("note", [1, "a"])
+        if drafted:
+            frozen = written(study, write(study, trial, TrialState.PRUNED))
+        else:
+            frozen = study.tell(trial, state=TrialState.PRUNED)
+        told.append(study.get_trials()[0])
+        assert frozen.number == 0 and frozen.state == TrialState.PRUNED
+    old, new = told
+    assert new.params == old.params
+    assert new.distributions == old.distributions
+    assert new.user_attrs == old.user_attrs and new.system_attrs == old.system_attrs
+    assert new.datetime_complete is not None
+
+
+def test_a_draft_that_finds_no_slot_leaves_nothing(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = open_study(url, "s", heartbeat=None)
+    search = small_search()
+    slots = Slots(study, 1, url)
+    drafts = drafting(study)
+    first = drafts.ask()
+    space.suggest_arch(first, search.data.shape, search.limits)
+    running = slots.claim(first)
+    assert running is not None and not is_draft(running) and running.number == 0
+    assert study.get_trials()[0].state == TrialState.RUNNING
+    assert study.get_trials()[0].user_attrs[SLOT] == 0
+    second = drafts.ask()  # one draft at a time: a new ask replaces an unwritten one
+    space.suggest_arch(second, search.data.shape, search.limits)
+    assert slots.claim(second) is None
+    assert len(study.get_trials()) == 1 and list(drafts._storage.drafts) == [second._trial_id]
+
+
+def test_a_draft_is_not_told_or_reported_by_mistake(tmp_path) -> None:
+    study = open_study(f"sqlite:///{tmp_path}/s.db", "s", heartbeat=None)
+    trial = drafting(study).ask()
+    with pytest.raises(RuntimeError, match="is written, not told"):
+        trial.study.tell(trial, 0.5)
+    with pytest.raises(RuntimeError, match="write it first"):
+        trial.report(0.5, 1)
+    assert study.get_trials() == []
