@@ -45,7 +45,6 @@ import gzip
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -121,7 +120,7 @@ GPU = Sizes(
 )
 DRY_RUN = Sizes(
     device="cpu",
-    # About 80 s on a quiet 2-core VM; the caps are loose, for a loaded one.
+    # 46 s on a quiet 2-core VM (2026-11-30); the caps are loose, for a loaded one.
     budget_s=480,
     caps=dict(environment=60, throughput=90, workers=120, search=90, final=60, tests=120),
     images=64,
@@ -402,12 +401,9 @@ def environment(ctx: Context, fig: dict[str, Any]) -> str:
     from search.launch import cpu_cores
 
     fig["machine"] = machine(ctx.sizes.device)
-    fig |= {
-        "torch": torch.__version__,
+    fig |= {  # torch, python and the cores are in fig["machine"]
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "python": platform.python_version(),
-        "cores": os.cpu_count(),
         "cores_usable": cpu_cores(),
         "memory_available_gib": memory_available_gib(),
         "versions": versions(),
@@ -429,7 +425,7 @@ def environment(ctx: Context, fig: dict[str, Any]) -> str:
     fig["nvidia_smi"] = nvidia_smi(ctx.cuda)
     gpu = f"{fig['gpu']} ({fig['gpu_memory_free_gib']} GiB free)" if ctx.cuda else "no GPU"
     return (
-        f"{gpu}, torch {fig['torch']} (CUDA {fig['cuda']}), bf16 {fig['bf16']}, "
+        f"{gpu}, torch {fig['machine']['torch']} (CUDA {fig['cuda']}), bf16 {fig['bf16']}, "
         f"{fig['cores_usable']} cores, {fig['memory_available_gib']} GiB memory free"
     )
 

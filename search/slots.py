@@ -40,6 +40,8 @@ class Slots:
 
     def __init__(self, study: optuna.Study, cap: int, url: str | None) -> None:
         self.study, self.cap, self.url = study, cap, url
+        # A trial can become stale on this time scale; None: no heartbeat, nothing stale.
+        self.stale_every = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
         self.next_stale_check = 0.0
 
     def claim(self, trial: optuna.Trial) -> optuna.Trial | None:
@@ -101,12 +103,11 @@ class Slots:
     def fail_stale(self) -> None:
         """Fail and retry trials whose heartbeat is older than the grace period; at most
         once a heartbeat interval, the time scale on which a trial can become stale."""
-        interval = getattr(self.study._storage, "get_heartbeat_interval", lambda: None)()
-        if not interval or time.monotonic() < self.next_stale_check:
+        if not self.stale_every or time.monotonic() < self.next_stale_check:
             return
         with critical(), study_lock(self.url, self.study.study_name):
             optuna.storages.fail_stale_trials(self.study)  # fails and retries: one step
-        self.next_stale_check = time.monotonic() + interval
+        self.next_stale_check = time.monotonic() + self.stale_every
 
     def fail_dead(self, trials: list[FrozenTrial]) -> list[int]:
         """Fail and retry RUNNING trials whose process is known to be gone; their numbers."""
