@@ -138,7 +138,7 @@ class FastTPE(optuna.samplers.TPESampler):
             self._group_decomposed_search_space = _NewTrialsOnly()
         self._ask: dict[str, Any] | None = None
         self._scores: dict[int, float] = {}  # infeasibility of finished trials
-        self._reprs: dict[int, dict[str, float]] = {}  # their internal values
+        self._reprs: dict[tuple[str, ...], dict[int, tuple | None]] = {}  # their rows
 
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
@@ -212,21 +212,22 @@ class FastTPE(optuna.samplers.TPESampler):
     def _get_internal_repr(
         self, trials: list[FrozenTrial], search_space: dict[str, BaseDistribution], study: Study
     ) -> dict[str, np.ndarray]:
-        """Optuna's, a finished trial's internal values computed once (a name's
-        distribution is the same in every trial of a study, so is its internal value)."""
-        values: dict[str, list[float]] = {name: [] for name in search_space}
+        """Optuna's, a finished trial's row of internal values kept per group (a name's
+        distribution is the same in every trial of a study, so is its internal value):
+        one lookup per trial, not a conversion per parameter."""
+        rows = self._reprs.setdefault(tuple(search_space), {})
+        kept = []
         for trial in trials:
-            if trial.state.is_finished():
-                params, known = trial.params, self._reprs.setdefault(trial._trial_id, {})
-            else:  # a running trial: its relative params, not yet all suggested
-                params, known = self._get_params(trial, study), {}
-            if search_space.keys() <= params.keys():
-                for name, distribution in search_space.items():
-                    value = known.get(name)
-                    if value is None:
-                        value = known[name] = distribution.to_internal_repr(params[name])
-                    values[name].append(value)
-        return {k: np.asarray(v) for k, v in values.items()}
+            row = rows.get(trial._trial_id, _UNSEEN)
+            if row is _UNSEEN:
+                if trial.state.is_finished():
+                    row = rows[trial._trial_id] = _row(trial.params, search_space)
+                else:  # a running trial: its relative params, not yet all suggested
+                    row = _row(self._get_params(trial, study), search_space)
+            if row is not None:
+                kept.append(row)
+        columns = list(zip(*kept, strict=True)) if kept else [()] * len(search_space)
+        return {name: np.asarray(c) for name, c in zip(search_space, columns, strict=True)}
 
     def _infeasibility(self, trial: FrozenTrial) -> float:
         """The sum of its violated constraints (Optuna's score); a finished trial's is kept."""
@@ -235,6 +236,16 @@ class FastTPE(optuna.samplers.TPESampler):
             score = sum(v for v in trial.constraints.values() if v > 0)
             self._scores[trial._trial_id] = score
         return score
+
+
+_UNSEEN = object()
+
+
+def _row(params: dict[str, Any], search_space: dict[str, BaseDistribution]) -> tuple | None:
+    """A trial's internal values of a group's parameters; None if it lacks one."""
+    if not search_space.keys() <= params.keys():
+        return None
+    return tuple(d.to_internal_repr(params[name]) for name, d in search_space.items())
 
 
 def tpe(
