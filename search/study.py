@@ -13,8 +13,10 @@ from __future__ import annotations
 import copy
 import fcntl
 import hashlib
+import random
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +38,7 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 HEARTBEAT_S = 30
 GRACE_S = 120
 MAX_RETRY = 2
+SCHEMA_ATTEMPTS = 5  # opening a new database: the race to create its tables
 PRUNERS = ("median", "percentile", "halving", "hyperband", "none")
 DEFAULT_PRUNER = "median"  # chosen by measurement: benchmarks/README.md#pruners
 # The median rule from the first completed trial on: replayed on 100 measured candidates
@@ -132,12 +135,27 @@ def make_storage(url: str, heartbeat: Heartbeat = (HEARTBEAT_S, GRACE_S)) -> RDB
             "heartbeat_stale_trial_callback": Retry(MAX_RETRY),
         }
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, **hb)
+        return open_rdb(url, engine_kwargs, hb)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as e:
         reason = str(e).splitlines()[0]
         if url in reason:
             reason = reason.replace(url, safe_url(url))
         raise StudyError(f"cannot open storage {safe_url(url)}: {reason}") from None
+
+
+def open_rdb(url: str, engine_kwargs: dict[str, Any], hb: dict[str, Any]) -> RDBStorage:
+    """Optuna's RDBStorage. Workers that open a new database at once race to create its
+    tables; a loser finds them made (or being made) and tries again."""
+    attempt = 0
+    while True:
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs, **hb)
+        except sqlalchemy.exc.DBAPIError as e:
+            racing = isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e)
+            attempt += 1
+            if not racing or attempt == SCHEMA_ATTEMPTS:
+                raise
+            time.sleep(0.2 * attempt + 0.3 * random.random())
 
 
 def derived_seed(*parts: object) -> int:

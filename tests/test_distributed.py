@@ -364,3 +364,41 @@ def test_sixteen_workers_on_one_postgres_study(pg_url) -> None:
     assert r["trained"] == 32
     assert r["counts"]["running"] == 0 and r["counts"]["failed"] == 0
     assert r["counts"]["waiting"] == 0
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_workers_opening_a_new_database_at_once_all_open_it(backend, request, tmp_path) -> None:
+    """SLURM array tasks or pods started together on an empty database race to create
+    Optuna's tables: every one of them must open it (the losers try again)."""
+    import multiprocessing as mp
+
+    from opener import open_at_once
+
+    if backend == "postgres":
+        base = sqlalchemy.engine.make_url(request.getfixturevalue("pg_url"))
+        db = f"nas_race_{uuid.uuid4().hex[:8]}"
+        admin = sqlalchemy.create_engine(
+            base.set(database="postgres"), isolation_level="AUTOCOMMIT"
+        )
+        with admin.connect() as c:
+            c.execute(sqlalchemy.text(f"CREATE DATABASE {db}"))
+        url = base.set(database=db).render_as_string(hide_password=False)
+    else:
+        url = f"sqlite:///{tmp_path / 'new.db'}"
+    try:
+        ctx = mp.get_context("spawn")
+        n = 6
+        barrier, out = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=open_at_once, args=(url, barrier, out)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        errors = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+        assert errors == [None] * n
+        optuna.create_study(study_name="after-the-race", storage=url)  # the schema is whole
+    finally:
+        if backend == "postgres":
+            with admin.connect() as c:
+                c.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            admin.dispose()
