@@ -6,7 +6,8 @@ MACs count the multiply-accumulates of convolutions and the linear head
 per image (BatchNorm, activations, pooling and additions are not counted).
 Bytes are the payload of the saved state dict: every parameter and buffer
 (BatchNorm's running statistics, and its int64 batch counter), floating-point
-tensors at the chosen width.
+tensors at the chosen width. Activation bytes are the peak of the feature maps
+alive at once at inference (batch 1), by the rule `activation_bytes` states.
 """
 
 from __future__ import annotations
@@ -97,6 +98,43 @@ def count_bytes(spec: ArchSpec, dtype: str = "fp32") -> int:
     bns = batchnorms(spec)
     floats = count_params(spec) + 2 * sum(bns)
     return floats * DTYPE_BYTES[dtype] + COUNTER_BYTES * len(bns)
+
+
+def peak_activations(spec: ArchSpec) -> tuple[int, str]:
+    """The most activation values alive at once for one image, and where.
+
+    The rule is a memory planner's (ONNX Runtime's, TFLite's), on the network as
+    built: layers run in the order of `forward`; every conv, BatchNorm, activation,
+    addition, pool and linear writes a new tensor (nothing fused or in place),
+    which lives from its layer to its last reader; while a layer runs its inputs
+    and its output are alive. Identity, inference dropout and flatten write
+    nothing (they hand on their input). The input image counts until the stem has
+    read it. So a block with input x and output maps y holds x + 2y until its
+    input's last reader (the skip conv, or the addition) and 3y while the body's
+    output waits for the skip's. tests/test_complexity.py checks this against a
+    trace of the built model.
+    """
+    image = spec.in_channels * spec.input_size**2
+    stem = spec.stem_channels * spec.input_size**2
+    peaks = [(image + stem, "stem"), (2 * stem, "stem")]
+    for i, s in enumerate(stage_plan(spec)):
+        for j, b in enumerate(s.blocks()):
+            x = b.in_channels * b.in_size**2
+            y = b.out_channels * b.out_size**2
+            peaks.append((max(x + 2 * y, 3 * y) if b.has_skip_conv else x + 2 * y,
+                          f"stage{i + 1} block {j + 1}"))  # fmt: skip
+    last = spec.stages[-1].channels * spec.feature_sizes[-1] ** 2
+    peaks += [(last + spec.head_features, "pool"),
+              (spec.head_features + spec.num_classes, "head")]  # fmt: skip
+    return max(peaks, key=lambda p: p[0])  # the first such place on a tie
+
+
+def count_activation_bytes(spec: ArchSpec, dtype: str = "fp32") -> int:
+    """Peak bytes of the feature maps alive at once for one image at `dtype`
+    (int8: a quantized network's 1-byte activations); the rule: `peak_activations`."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    return peak_activations(spec)[0] * DTYPE_BYTES[dtype]
 
 
 def count_macs(spec: ArchSpec) -> int:

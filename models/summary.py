@@ -1,4 +1,5 @@
-"""python -m models.summary ARCH.json: per-stage output size, params and MACs."""
+"""python -m models.summary ARCH.json: per-stage output size, params and MACs; weight
+bytes and the peak of activations at inference."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import sys
 
 from models import load_arch
-from models.complexity import breakdown, count_bytes
+from models.complexity import DTYPE_BYTES, breakdown, count_bytes, peak_activations
 
 
 def format_table(rows: list[list[str]]) -> str:
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = breakdown(spec)
     params, macs = sum(r.params for r in rows), sum(r.macs for r in rows)
     weights = {dtype: count_bytes(spec, dtype) for dtype in ("fp32", "fp16", "int8")}
+    values, where = peak_activations(spec)
+    activations = {d: values * DTYPE_BYTES[d] for d in ("fp32", "fp16", "int8")}
     if args.json:
         print(
             json.dumps(
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                     "params": params,
                     "macs": macs,
                     "bytes": weights,
+                    "activation_bytes": activations,
+                    "activation_peak_at": where,
                     "rows": [r._asdict() for r in rows],
                     "architecture": spec.to_dict(),
                 }
@@ -76,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "weights (state dict payload): "
         + ", ".join(f"{n:,} bytes at {dtype}" for dtype, n in weights.items())
+    )
+    print(
+        f"activations (peak at inference, batch 1, at {where}): "
+        + ", ".join(f"{n:,} bytes at {dtype}" for dtype, n in activations.items())
     )
     return 0
 

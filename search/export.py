@@ -49,12 +49,13 @@ def print_front(rows: list[dict], within: Within) -> None:
     print(f"front of validation accuracy against parameters ({within.describe()}):")
     print(
         f"{'trial':>6} {'params':>11} {'MACs':>13} {'fp32 bytes':>11} {'fp16 bytes':>11} "
-        f"{'val acc':>8}  final training"
+        f"{'activations':>11} {'val acc':>8}  final training"
     )
     for r in rows:
         print(
             f"{r['trial']:>6} {r['params']:>11,} {r['macs']:>13,} {r['bytes_fp32']:>11,} "
-            f"{r['bytes_fp16']:>11,} {r['validation']:>8.4f}  {r['train']}"
+            f"{r['bytes_fp16']:>11,} {r['activation_bytes_fp32']:>11,} "
+            f"{r['validation']:>8.4f}  {r['train']}"
         )
 
 
@@ -65,11 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=parse_count, help="the best trial within this many params")
     ap.add_argument("--max-macs", type=parse_count, help="... and this many MACs per image")
     ap.add_argument("--max-bytes", type=parse_bytes, help="... and weights this size: 4MB")
+    ap.add_argument(
+        "--max-activation-bytes", type=parse_bytes, help="... and a peak of activations this size"
+    )
     ap.add_argument("--weight-dtype", default="fp32", choices=list(DTYPE_BYTES))
     ap.add_argument("--front", action="store_true", help="every trial on the accuracy/size front")
     ap.add_argument("-o", "--output", help="file to write (default: print to stdout)")
     args = ap.parse_args(argv)
-    within = Within(args.budget, args.max_macs, args.max_bytes, args.weight_dtype)
+    within = Within(
+        args.budget, args.max_macs, args.max_bytes, args.weight_dtype, args.max_activation_bytes
+    )
     if args.trial is not None and (args.front or within != Within(weight_dtype=args.weight_dtype)):
         ap.error("--trial names one trial; it does not go with --front or limits")
     try:

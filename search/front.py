@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from models.complexity import count_bytes
+from models.complexity import count_activation_bytes, count_bytes
 from search.records import ranked, trial_arch
 from search.study import StudyError
 
@@ -28,6 +28,7 @@ class Within:
     macs: int | None = None
     bytes: int | None = None
     weight_dtype: str = "fp32"
+    activation_bytes: int | None = None
 
     def admits(self, t: FrozenTrial) -> bool:
         a = t.user_attrs
@@ -35,12 +36,21 @@ class Within:
             (self.params is None or a["params"] <= self.params)
             and (self.macs is None or a["macs"] <= self.macs)
             and (self.bytes is None or count_bytes(trial_arch(t), self.weight_dtype) <= self.bytes)
+            and (
+                self.activation_bytes is None
+                or count_activation_bytes(trial_arch(t), self.weight_dtype) <= self.activation_bytes
+            )
         )
 
     def describe(self) -> str:
         parts = [
             f"{k} {v:,}"
-            for k, v in (("params", self.params), ("MACs", self.macs), ("bytes", self.bytes))
+            for k, v in (
+                ("params", self.params),
+                ("MACs", self.macs),
+                ("bytes", self.bytes),
+                ("activation bytes", self.activation_bytes),
+            )
             if v is not None
         ]
         return ", ".join(parts) or "no limit"
@@ -97,8 +107,9 @@ def _has_password(url: str) -> bool:
 def front_rows(
     front: list[FrozenTrial], study_name: str, storage: str | None = None
 ) -> list[dict[str, object]]:
-    """One row per front trial: its sizes (bytes at fp32 and fp16), its validation
-    accuracy, and the command that final-trains it."""
+    """One row per front trial: its sizes (weight bytes at fp32 and fp16, peak
+    activation bytes at fp32), its validation accuracy, and the command that
+    final-trains it."""
     rows = []
     for t in front:
         spec = trial_arch(t)
@@ -109,6 +120,7 @@ def front_rows(
                 "macs": t.user_attrs["macs"],
                 "bytes_fp32": count_bytes(spec, "fp32"),
                 "bytes_fp16": count_bytes(spec, "fp16"),
+                "activation_bytes_fp32": count_activation_bytes(spec, "fp32"),
                 "validation": t.value,
                 "train": train_command(study_name, t.number, storage),
             }

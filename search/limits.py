@@ -1,9 +1,10 @@
 """The limits a candidate must fit, judged in closed form before any weight exists.
 
-Parameters (the budget), and optionally MACs per image and the bytes of the
-saved weights at a chosen width. `excess()` is what the gate records as
-constraints: how far over each limit a candidate is (> 0: over), so the
-sampler learns sizes, not just pass or fail.
+Parameters (the budget), and optionally MACs per image, the bytes of the
+saved weights at a chosen width, and the peak bytes of the activations at
+inference (batch 1, at the same width: `models.complexity.peak_activations`).
+`excess()` is what the gate records as constraints: how far over each limit a
+candidate is (> 0: over), so the sampler learns sizes, not just pass or fail.
 
 Why a gate before training: counting is closed-form arithmetic on the spec, orders
 of magnitude cheaper than building the model (benchmarks/README.md, Count vs
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models import ArchSpec, count_macs, count_params
-from models.complexity import DTYPE_BYTES, count_bytes
+from models.complexity import DTYPE_BYTES, count_activation_bytes, count_bytes
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class Limits:
     params: int  # the parameter budget
     macs: int | None = None  # per image; None: no compute limit
     bytes: int | None = None  # of the saved weights at `weight_dtype`; None: no size limit
-    weight_dtype: str = "fp32"
+    weight_dtype: str = "fp32"  # the width a user ships: of the weights and activations
+    activation_bytes: int | None = None  # peak at inference, batch 1; None: no limit
 
     def __post_init__(self) -> None:
         if self.weight_dtype not in DTYPE_BYTES:
@@ -33,15 +35,22 @@ class Limits:
             )
 
     def measure(self, spec: ArchSpec) -> dict[str, int]:
-        """The sizes this study limits or shows: params, MACs and bytes of the weights."""
+        """The sizes this study limits or shows: params, MACs, bytes of the weights and
+        peak bytes of the activations."""
         return {
             "params": count_params(spec),
             "macs": count_macs(spec),
             "bytes": count_bytes(spec, self.weight_dtype),
+            "activation_bytes": count_activation_bytes(spec, self.weight_dtype),
         }
 
     def limits(self) -> dict[str, int]:
-        out = {"params": self.params, "macs": self.macs, "bytes": self.bytes}
+        out = {
+            "params": self.params,
+            "macs": self.macs,
+            "bytes": self.bytes,
+            "activation_bytes": self.activation_bytes,
+        }
         return {k: v for k, v in out.items() if v is not None}
 
     def excess(self, sizes: dict[str, int]) -> dict[str, int]:
@@ -57,6 +66,10 @@ class Limits:
             parts.append(f"at most {self.macs:,} MACs/image")
         if self.bytes is not None:
             parts.append(f"at most {self.bytes:,} bytes of {self.weight_dtype} weights")
+        if self.activation_bytes is not None:
+            parts.append(
+                f"at most {self.activation_bytes:,} bytes of {self.weight_dtype} activations"
+            )
         return ", ".join(parts)
 
 

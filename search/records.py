@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from models import ArchSpec
-from models.complexity import count_bytes
+from models.complexity import count_activation_bytes, count_bytes
 from search.env import versions
 from search.slots import is_trained
 from search.trainer import TrainConfig
@@ -106,6 +106,7 @@ def export_trial(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         "params": attrs["params"],
         "macs": attrs["macs"],
         "bytes": weight_bytes(spec),
+        "activation_bytes": {d: count_activation_bytes(spec, d) for d in ("fp32", "fp16", "int8")},
         "budget": settings.get("budget"),
         "dataset": settings.get("dataset"),
         "training": attrs["training"],
@@ -193,13 +194,14 @@ def summary_table(trials: list[FrozenTrial], rejected_by: dict[str, int], top: i
     if best:
         lines.append(
             f"{'trial':>6} {'val acc':>8} {'params':>11} {'MACs':>13} {'fp32 bytes':>11} "
-            f"{'blocks':>10} {'widths':>20}  optimizer"
+            f"{'activations':>11} {'blocks':>10} {'widths':>20}  optimizer"
         )
     for t in best:
         arch, tr = trial_arch(t), t.user_attrs["training"]
         lines.append(
             f"{t.number:>6} {t.value:>8.4f} {t.user_attrs['params']:>11,} "
             f"{t.user_attrs['macs']:>13,} {count_bytes(arch):>11,} "
+            f"{count_activation_bytes(arch):>11,} "
             f"{'-'.join(str(s.blocks) for s in arch.stages):>10} "
             f"{'-'.join(str(s.channels) for s in arch.stages):>20}  "
             f"{tr['optimizer']} lr {tr['lr']:.3g} batch {tr['batch_size']}"

@@ -21,7 +21,7 @@ import optuna
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
-from models.complexity import count_bytes
+from models.complexity import count_activation_bytes, count_bytes
 from search.cli import Parser, add_study_args, load_existing
 from search.front import front_rows, pareto_front
 from search.records import counts, outcome, ranked, trial_arch, write_atomic
@@ -100,7 +100,7 @@ def top_table(trials: list[FrozenTrial], n: int = 10) -> str:
     done = ranked(trials)[:n]
     head = (
         "<tr><th>trial</th><th>val acc</th><th>params</th><th>MACs</th><th>fp32 bytes</th>"
-        "<th>stages "
+        "<th>fp32 activations</th><th>stages "
         "(blocks x channels, kernel/skip)</th><th>pool</th><th>act</th><th>dropout</th>"
         "<th>optimizer</th><th>batch</th></tr>"
     )
@@ -118,6 +118,7 @@ def top_table(trials: list[FrozenTrial], n: int = 10) -> str:
             f"{t.user_attrs['params']:,}",
             f"{t.user_attrs['macs']:,}",
             f"{count_bytes(trial_arch(t)):,}",
+            f"{count_activation_bytes(trial_arch(t)):,}",
             stages,
             arch["pool"],
             arch["activation"],
@@ -134,7 +135,7 @@ def front_table(trials: list[FrozenTrial], study_name: str) -> str:
     rows = front_rows(pareto_front(trials), study_name)
     head = (
         "<tr><th>trial</th><th>params</th><th>MACs</th><th>fp32 bytes</th><th>fp16 bytes</th>"
-        "<th>val acc</th><th>final training</th></tr>"
+        "<th>fp32 activations</th><th>val acc</th><th>final training</th></tr>"
     )
     cells = [
         [
@@ -143,6 +144,7 @@ def front_table(trials: list[FrozenTrial], study_name: str) -> str:
             f"{r['macs']:,}",
             f"{r['bytes_fp32']:,}",
             f"{r['bytes_fp16']:,}",
+            f"{r['activation_bytes_fp32']:,}",
             f"{r['validation']:.4f}",
             r["train"],
         ]

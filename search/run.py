@@ -64,7 +64,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--budget", type=parse_count, default=5_000_000, help="parameters: 5M, 5e6, 500k")
     add("--max-macs", type=parse_count, help="also reject candidates over this many MACs/image")
     add("--max-bytes", type=parse_bytes, help="also reject weights over this size: 10MB, 4MiB")
-    add("--weight-dtype", default="fp32", choices=list(DTYPE_BYTES), help="for --max-bytes")
+    add(
+        "--max-activation-bytes",
+        type=parse_bytes,
+        help="also reject a peak of activations over this size (inference, batch 1): 512kB",
+    )
+    add(
+        "--weight-dtype",
+        default="fp32",
+        choices=list(DTYPE_BYTES),
+        help="the width shipped, for --max-bytes and --max-activation-bytes",
+    )
     add("--dataset", default="cifar10", help="cifar10, fashion-mnist, folder:PATH or synthetic")
     add("--data-dir", help="where datasets live (default $NAS_DATA_DIR or ./data)")
     add("--quick", action="store_true", help=f"CPU demo profile: {QUICK.describe(10**9)}")
@@ -140,7 +150,9 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> tuple[optuna.Study, Se
         profile.train_images,
         profile.val_images,
     )
-    limits = Limits(args.budget, profile.max_macs, args.max_bytes, args.weight_dtype)
+    limits = Limits(
+        args.budget, profile.max_macs, args.max_bytes, args.weight_dtype, args.max_activation_bytes
+    )
     space.check_room(data.shape, limits)
     study = open_study(
         args.storage,

@@ -68,6 +68,7 @@ class Search:
             "max_macs": self.limits.macs,
             "max_bytes": self.limits.bytes,
             "weight_dtype": self.limits.weight_dtype,
+            "max_activation_bytes": self.limits.activation_bytes,
             "profile": self.profile.to_dict(),
             "train_images": len(self.data.train_y),
             "val_images": len(self.data.val_y),

@@ -7,8 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from torch import nn
 
-from models import ArchSpec, build_model, count_macs, count_params, load_arch
-from models.complexity import count_bytes
+from models import ArchSpec, StageSpec, build_model, count_macs, count_params, load_arch
+from models.complexity import count_activation_bytes, count_bytes, peak_activations
 from models.presets import PRESETS
 
 from conftest import examples
@@ -123,3 +123,70 @@ def test_bytes_match_a_saved_file(tmp_path) -> None:
         torch.save(convert().state_dict(), path)
         overhead = path.stat().st_size - count_bytes(spec, dtype)
         assert 0 < overhead < 40_000, (dtype, overhead)
+
+
+def traced_peak(model: nn.Module, x: torch.Tensor) -> int:
+    """The most values alive at once when the model's traced graph runs in order, each
+    node's result freed after its last reader; a result that is one of its inputs or a
+    view of one (identity, inference dropout, flatten) is that input's buffer.
+    Measured on the model as built: torch.fx traces it, and running the trace says
+    which results alias which."""
+    graph_module = torch.fx.symbolic_trace(model)
+    nodes = list(graph_module.graph.nodes)
+    buffer: dict[torch.fx.Node, int] = {}  # node -> the index of the node that wrote it
+    sizes: dict[int, int] = {}
+    results: dict[int, torch.Tensor] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node):
+            out = super().run_node(n)
+            if n.op == "output":
+                return out
+            i = nodes.index(n)
+            for arg in n.all_input_nodes:
+                source = results[buffer[arg]]
+                if out is source or out._base is source:
+                    buffer[n] = buffer[arg]
+                    return out
+            buffer[n], sizes[i], results[i] = i, out.numel(), out
+            return out
+
+    Recorder(graph_module).run(x)
+    last = {b: b for b in sizes}
+    for i, n in enumerate(nodes):
+        for arg in n.all_input_nodes:
+            last[buffer[arg]] = max(last[buffer[arg]], i)
+    return max(
+        sum(size for b, size in sizes.items() if b <= i <= last[b]) for i in range(len(nodes))
+    )
+
+
+@pytest.mark.parametrize("n", examples(300))
+def test_activation_count_equals_the_traced_model(n: int) -> None:
+    @settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(arch_specs())
+    def check(spec: ArchSpec) -> None:
+        with torch.device("meta"):  # shapes and aliasing without storage
+            model = build_model(spec).eval()
+            x = torch.empty(1, spec.in_channels, spec.input_size, spec.input_size)
+        peak = traced_peak(model, x)
+        assert peak_activations(spec)[0] == peak
+        assert count_activation_bytes(spec, "fp32") == 4 * peak
+        assert count_activation_bytes(spec, "int8") == peak
+
+    check()
+
+
+def test_activation_peak_of_the_seeds_network() -> None:
+    """resnet18-2111 on CIFAR-10: the stem's 64x32x32 maps, 3 at once in the first block."""
+    spec = PRESETS["resnet18-2111"]
+    assert peak_activations(spec) == (3 * 64 * 32 * 32, "stage1 block 1")
+    assert count_activation_bytes(spec, "fp16") == 2 * 3 * 64 * 32 * 32
+
+
+def test_activation_peak_at_the_stem_when_the_image_is_wider() -> None:
+    """A stem narrower than the image: the image and the stem's first map are the peak."""
+    spec = ArchSpec(stages=(StageSpec(1, 1),), stem_channels=1, in_channels=3, input_size=8, pool=1)
+    assert peak_activations(spec) == ((3 + 1) * 64, "stem")
+    with torch.device("meta"):
+        assert traced_peak(build_model(spec).eval(), torch.empty(1, 3, 8, 8)) == 4 * 64

@@ -80,7 +80,8 @@ def test_not_completed_trials_are_never_on_the_front() -> None:
 
 
 def test_export_answers_smaller_budgets_from_one_study(tmp_path, capsys) -> None:
-    """--budget, --max-bytes and --front on a real SQLite study of real architectures."""
+    """--budget, --max-bytes, --max-activation-bytes and --front on a real SQLite study of
+    real architectures."""
     url = f"sqlite:///{tmp_path}/s.db"
     study = optuna.create_study(study_name="f", storage=url, direction="maximize")
     study.set_user_attr("settings", {"budget": 5_000_000, "dataset": "cifar10", "seed": 0})
@@ -100,6 +101,9 @@ def test_export_answers_smaller_budgets_from_one_study(tmp_path, capsys) -> None
     assert best["trial"] == 2 and best["bytes"]["fp16"] == count_bytes(
         PRESETS["resnet18-w32"], "fp16"
     )
+    assert export.main([*base, "--max-activation-bytes", "500kB"]) == 0  # 2111: 786,432
+    best = json.loads(capsys.readouterr().out)
+    assert best["trial"] == 2 and best["activation_bytes"]["fp32"] == 393_216
     assert export.main([*base, "--budget", "100k"]) == 2
     err = capsys.readouterr().err
     assert "no completed trial fits params 100,000" in err and "trial 0 with 308,650" in err
@@ -110,6 +114,8 @@ def test_export_answers_smaller_budgets_from_one_study(tmp_path, capsys) -> None
     assert [f["trial"] for f in front["front"]] == [0, 1, 2, 3]  # resnet10 is dominated
     assert [r["params"] for r in front["rows"]] == sorted(r["params"] for r in front["rows"])
     assert "python -m search.train --study-name f" in printed and "--trial 3" in printed
+    assert [r["activation_bytes_fp32"] for r in front["rows"]] == [393_216] * 3 + [786_432]
+    assert "activations" in printed and "786,432" in printed
 
 
 def test_the_train_command_never_prints_a_password() -> None:

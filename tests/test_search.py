@@ -16,12 +16,12 @@ import torch
 from optuna.trial import TrialState
 
 from models import build_model, count_params, load_arch
-from models.complexity import count_bytes
+from models.complexity import count_activation_bytes, count_bytes
 from models.presets import PRESETS, preset
 from search import cli, export, replay, run, space
 from search import train as train_cli
 from search.data import search_split, synthetic
-from search.limits import Limits
+from search.limits import Limits, over
 from search.profile import Profile
 from search.records import counts, trial_arch
 from search.sampler import make_sampler
@@ -313,7 +313,7 @@ import resource, json, optuna, torch
 from models.presets import preset
 from search import space
 from search.data import search_split, synthetic
-from search.limits import Limits
+from search.limits import Limits, over
 from search.profile import Profile
 from search.signals import Stop
 from search.slots import Slots
@@ -378,6 +378,30 @@ def test_max_bytes_gates_like_the_budget(in_tmp, capsys) -> None:
     over = [t for t in study.trials if t.constraints.get("bytes", 0) > 0]
     assert over and all("rejected" in t.user_attrs and "optimizer" not in t.params for t in over)
     assert f"{len(over)} over bytes" in out
+
+
+def test_max_activation_bytes_is_a_limit_like_the_others(in_tmp, capsys) -> None:
+    """The peak of activations is recorded on every candidate and is a constraint for
+    the sampler; the width is fitted under it (as under the budget), and what is over
+    it is rejected before anything is built."""
+    url = storage(in_tmp)
+    args = [*FAST, "--trials", "3", "--study-name", "a", "--storage", url]
+    assert run.main([*args, "--max-activation-bytes", "300kB"]) == 0
+    assert "at most 300,000 bytes of fp32 activations" in capsys.readouterr().out
+    study = open_study(url, "a", create=False)
+    trained = [t for t in study.trials if is_trained(t)]
+    assert len(trained) == 3
+    for t in study.trials:
+        assert t.user_attrs["activation_bytes"] == count_activation_bytes(trial_arch(t))
+        assert "activation_bytes" in t.constraints
+    assert all(t.user_attrs["activation_bytes"] <= 300_000 for t in trained)
+    assert study.user_attrs["settings"]["max_activation_bytes"] == 300_000
+    limits = Limits(5_000_000, activation_bytes=300_000)
+    wide = PRESETS["resnet18-2111"]  # 786,432 bytes of fp32 activations
+    assert not limits.fits(wide)
+    assert over(limits, limits.measure(wide)) == (
+        "over the limit: activation_bytes 786,432 > 300,000"
+    )
 
 
 def test_train_the_top_k_of_a_study_chooses_on_validation(finished, tmp_path, capsys) -> None:

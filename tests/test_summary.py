@@ -22,12 +22,14 @@ def test_design_example_prints_its_count(examples_dir) -> None:
     assert out.returncode == 0, out.stderr
     assert "4,977,226" in out.stdout
     assert "stage4" in out.stdout and "512x4x4" in out.stdout
+    assert "activations (peak at inference, batch 1, at stage1 block 1): 786,432" in out.stdout
 
 
 def test_json_output(examples_dir, capsys) -> None:
     assert main([str(examples_dir / "resnet18-2111.json"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["params"] == 4_977_226 and data["macs"] == 328_930_304
+    assert data["activation_bytes"] == {"fp32": 786_432, "fp16": 393_216, "int8": 196_608}
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys) -> None:
