@@ -78,14 +78,14 @@ def human(n: float) -> str:
 STORAGE_ENV = "NAS_STORAGE"  # where every command finds the storage URL by default
 
 
-def add_study_args(ap: argparse.ArgumentParser) -> None:
+def add_study_args(ap: argparse.ArgumentParser, required: bool = True) -> None:
     """--storage and --study-name, as every CLI that reads an existing study takes them."""
     ap.add_argument(
         "--storage",
         default=os.environ.get(STORAGE_ENV),
         help="SQLAlchemy URL (default $NAS_STORAGE, else sqlite:///studies/NAME.db)",
     )
-    ap.add_argument("--study-name", required=True)
+    ap.add_argument("--study-name", required=required)
 
 
 def load_existing(args: argparse.Namespace) -> optuna.Study:

@@ -150,6 +150,7 @@ def save_checkpoint(
             "state_dict": state,
             "normalization": {"mean": list(data.mean), "std": list(data.std)},
             "classes": list(data.classes),
+            "dataset": data.name,
             "seed": run["seed"],
             "test_accuracy": run["test_accuracy"],
         },
