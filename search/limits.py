@@ -2,7 +2,9 @@
 
 Parameters (the budget), and optionally MACs per image, the bytes of the
 saved weights at a chosen width, and the peak bytes of the activations at
-inference (batch 1, at the same width: `models.complexity.peak_activations`).
+inference (batch 1, at the same width: `models.complexity.peak_activations`),
+and the latency of one image on a CPU, predicted from a table of timed layers
+(search/latency.py).
 `excess()` is what the gate records as constraints: how far over each limit a
 candidate is (> 0: over), so the sampler learns sizes, not just pass or fail.
 
@@ -14,10 +16,13 @@ however often the sampler proposes one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from models import ArchSpec, count_macs, count_params
 from models.complexity import DTYPE_BYTES, count_activation_bytes, count_bytes
+from search.latency import Table
+
+NEAR = 0.15  # the predictor's relative error at about its 90th percentile (benchmarks/README.md)
 
 
 @dataclass(frozen=True)
@@ -27,33 +32,46 @@ class Limits:
     bytes: int | None = None  # of the saved weights at `weight_dtype`; None: no size limit
     weight_dtype: str = "fp32"  # the width a user ships: of the weights and activations
     activation_bytes: int | None = None  # peak at inference, batch 1; None: no limit
+    latency_ms: float | None = None  # one image on the CPU the table is of; None: no limit
+    latency: Table | None = field(default=None, compare=False, repr=False)  # its predictor
+    measure_near: bool = True  # time a candidate predicted near the latency limit (this CPU's)
 
     def __post_init__(self) -> None:
         if self.weight_dtype not in DTYPE_BYTES:
             raise ValueError(
                 f"weight dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.weight_dtype!r}"
             )
+        if self.latency_ms is not None and self.latency is None:
+            raise ValueError("a latency limit needs a latency table to predict from")
 
-    def measure(self, spec: ArchSpec) -> dict[str, int]:
-        """The sizes this study limits or shows: params, MACs, bytes of the weights and
-        peak bytes of the activations."""
+    def measure(self, spec: ArchSpec) -> dict[str, float]:
+        """The sizes this study limits or shows: params, MACs, bytes of the weights, peak
+        bytes of the activations and, with a latency table, the predicted latency."""
         return {
             "params": count_params(spec),
             "macs": count_macs(spec),
             "bytes": count_bytes(spec, self.weight_dtype),
             "activation_bytes": count_activation_bytes(spec, self.weight_dtype),
-        }
+        } | ({"latency_ms": round(self.latency.predict(spec), 4)} if self.latency else {})
 
-    def limits(self) -> dict[str, int]:
+    def near_latency_limit(self, sizes: dict[str, float]) -> bool:
+        """Whether the predicted latency is too near the limit to trust (within NEAR of it):
+        the gate then times the built model on this CPU instead."""
+        if self.latency_ms is None or not self.measure_near or "latency_ms" not in sizes:
+            return False
+        return abs(sizes["latency_ms"] - self.latency_ms) <= NEAR * self.latency_ms
+
+    def limits(self) -> dict[str, float]:
         out = {
             "params": self.params,
             "macs": self.macs,
             "bytes": self.bytes,
             "activation_bytes": self.activation_bytes,
+            "latency_ms": self.latency_ms,
         }
         return {k: v for k, v in out.items() if v is not None}
 
-    def excess(self, sizes: dict[str, int]) -> dict[str, int]:
+    def excess(self, sizes: dict[str, float]) -> dict[str, float]:
         """Constraint values for every set limit: > 0 is over it by that much."""
         return {k: sizes[k] - limit for k, limit in self.limits().items()}
 
@@ -70,10 +88,13 @@ class Limits:
             parts.append(
                 f"at most {self.activation_bytes:,} bytes of {self.weight_dtype} activations"
             )
+        if self.latency_ms is not None:
+            threads = self.latency.threads if self.latency else 1
+            parts.append(f"at most {self.latency_ms:g} ms/image ({threads} CPU thread(s))")
         return ", ".join(parts)
 
 
-def over(limits: Limits, sizes: dict[str, int]) -> str | None:
+def over(limits: Limits, sizes: dict[str, float]) -> str | None:
     """Why a candidate is over the limits (`params 11,173,962 > 5,000,000`), or None."""
     parts = [
         f"{key} {sizes[key]:,} > {limit:,}"

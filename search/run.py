@@ -7,6 +7,7 @@ after marking the running trial, writes best.json and says how to go on.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -21,7 +22,7 @@ import torch
 
 from models.complexity import DTYPE_BYTES
 from models.presets import PRESETS
-from search import launch, space
+from search import latency, launch, space
 from search.cli import (
     STORAGE_ENV,
     Parser,
@@ -69,6 +70,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=parse_bytes,
         help="also reject a peak of activations over this size (inference, batch 1): 512kB",
     )
+    add(
+        "--max-latency-ms",
+        type=float,
+        help="also reject a latency per image over this (batch 1, fp32, CPU), predicted",
+    )
+    add("--latency-threads", type=int, default=1, help="CPU threads for --max-latency-ms")
+    add("--latency-table", help="a table built on the target CPU (default: this CPU's)")
     add(
         "--weight-dtype",
         default="fp32",
@@ -151,7 +159,14 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> tuple[optuna.Study, Se
         profile.val_images,
     )
     limits = Limits(
-        args.budget, profile.max_macs, args.max_bytes, args.weight_dtype, args.max_activation_bytes
+        args.budget,
+        profile.max_macs,
+        args.max_bytes,
+        args.weight_dtype,
+        args.max_activation_bytes,
+        args.max_latency_ms,
+        latency_table(args),
+        measure_near=args.latency_table is None,
     )
     space.check_room(data.shape, limits)
     study = open_study(
@@ -169,6 +184,28 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> tuple[optuna.Study, Se
     if "command" not in study.user_attrs:
         study.set_user_attr("command", command_line(argv))
     return study, search
+
+
+def latency_table(args: argparse.Namespace) -> latency.Table | None:
+    """The latency predictor --max-latency-ms needs: a file built on the target, or this
+    CPU's (built once, about a minute, then cached). A worker reads the cache its parent
+    filled."""
+    if args.max_latency_ms is None:
+        return None
+    if args.max_latency_ms <= 0 or args.latency_threads < 1:
+        raise ValueError("--max-latency-ms and --latency-threads must be positive")
+    if args.latency_table:
+        try:
+            table = latency.Table.from_dict(json.loads(Path(args.latency_table).read_text()))
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"--latency-table {args.latency_table}: {e}") from None
+        if table.threads != args.latency_threads:
+            raise ValueError(
+                f"--latency-table {args.latency_table} is for {table.threads} thread(s), "
+                f"not --latency-threads {args.latency_threads}"
+            )
+        return table
+    return latency.load_table(args.latency_threads, say=lambda m: print(m, flush=True))
 
 
 def trains(args: argparse.Namespace) -> bool:

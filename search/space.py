@@ -25,7 +25,7 @@ from typing import Any
 import optuna
 
 from models.spec import ArchSpec, StageSpec, last_side, max_stages
-from search.limits import Limits
+from search.limits import Limits, over
 from search.profile import Profile
 from search.trainer import TrainConfig
 
@@ -229,7 +229,8 @@ def check_room(shape: Shape, limits: Limits) -> None:
         sizes = limits.measure(floor)
         raise ValueError(
             f"nothing in the search space fits: the smallest candidate has {sizes['params']:,} "
-            f"params, {sizes['macs']:,} MACs, {sizes['bytes']:,} bytes; raise the limits"
+            f"params, {sizes['macs']:,} MACs, {sizes['bytes']:,} bytes ("
+            f"{over(limits, sizes)}); raise the limits"
         )
 
 

@@ -27,6 +27,7 @@ from search import space
 from search.data import SearchData
 from search.draft import drafting, is_draft, write, written
 from search.env import device_name
+from search.latency import model_ms
 from search.limits import Limits, over
 from search.profile import Profile
 from search.records import attach
@@ -69,6 +70,8 @@ class Search:
             "max_bytes": self.limits.bytes,
             "weight_dtype": self.limits.weight_dtype,
             "max_activation_bytes": self.limits.activation_bytes,
+            "max_latency_ms": self.limits.latency_ms,
+            "latency_table": self.limits.latency.machine if self.limits.latency_ms else None,
             "profile": self.profile.to_dict(),
             "train_images": len(self.data.train_y),
             "val_images": len(self.data.val_y),
@@ -236,6 +239,11 @@ def gate(trial: optuna.Trial, spec: ArchSpec, limits: Limits) -> bool:
     different units (parameters, MACs, bytes) weigh alike for the sampler.
     """
     sizes = limits.measure(spec)
+    if limits.near_latency_limit(sizes) and limits.latency is not None:
+        # too near the limit to trust the prediction: time the built model here (weights
+        # exist now, for a fraction of a second; nothing is trained)
+        sizes["latency_predicted_ms"] = sizes["latency_ms"]
+        sizes["latency_ms"] = round(model_ms(spec, limits.latency.threads), 4)
     for key, value in sizes.items():
         trial.set_user_attr(key, value)
     trial.set_user_attr("arch", spec.to_json(indent=None))
