@@ -19,6 +19,7 @@ and `python -m search.train` both read it directly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import sys
@@ -30,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from models import build_model
 from models.complexity import DTYPE_BYTES
-from search import deploy
+from search import deploy, latency
 from search.cli import Parser, add_study_args, load_existing, parse_bytes, parse_count
 from search.data import DataError, load_dataset
 from search.final import load_checkpoint
@@ -61,7 +62,7 @@ def select_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
 
 def print_front(rows: list[dict], within: Within) -> None:
     print(f"front of validation accuracy against parameters ({within.describe()}):")
-    timed = any("latency_ms" in r for r in rows)
+    timed = any("onnx_ms" in r for r in rows)
     print(
         f"{'trial':>6} {'params':>11} {'MACs':>13} {'fp32 bytes':>11} {'fp16 bytes':>11} "
         f"{'activations':>11} " + (f"{'ORT ms':>7} " if timed else "") + "val acc   final training"
@@ -70,7 +71,7 @@ def print_front(rows: list[dict], within: Within) -> None:
         print(
             f"{r['trial']:>6} {r['params']:>11,} {r['macs']:>13,} {r['bytes_fp32']:>11,} "
             f"{r['bytes_fp16']:>11,} {r['activation_bytes_fp32']:>11,} "
-            + (f"{r['latency_ms']:>7.2f} " if timed else "")
+            + (f"{r['onnx_ms']:>7.2f} " if timed else "")
             + f"{r['validation']:>7.4f}   {r['train']}"
         )
 
@@ -80,7 +81,17 @@ def untrained_onnx(spec_trial: FrozenTrial, path: Path) -> dict[str, object]:
     spec = trial_arch(spec_trial)
     model = deploy.Normalized(build_model(spec), [0.0] * spec.in_channels, [1.0] * spec.in_channels)
     deploy.to_onnx(model, spec, path)
-    return {"file": str(path), "trained": False, "latency_ms": round(deploy.latency_ms(path), 3)}
+    out = {"file": str(path), "trained": False, "latency_ms": round(deploy.latency_ms(path), 3)}
+    return out | torch_latency(spec)
+
+
+def torch_latency(spec) -> dict[str, float]:
+    """The search's own latency figures (PyTorch eager, 1 thread): measured here, and
+    predicted when this CPU's table is cached (search/latency.py)."""
+    out = {"torch_ms": round(latency.model_ms(spec, 1), 3)}
+    with contextlib.suppress(FileNotFoundError):
+        out["torch_predicted_ms"] = round(latency.load_table(1, build=False).predict(spec), 3)
+    return out
 
 
 def trained_onnx(
@@ -112,6 +123,7 @@ def trained_onnx(
         "max_abs_difference": deploy.max_abs_difference(path, net, test_x[:256]),
         "compared_on": min(256, len(test_y)),
         "latency_ms": round(deploy.latency_ms(path), 3),
+        **torch_latency(spec),
         "test_images": len(test_y),
         "test_accuracy": deploy.accuracy(path, test_x, test_y),
     }
@@ -134,6 +146,9 @@ def print_onnx(o: dict) -> None:
     size = Path(o["file"]).stat().st_size
     print(f"wrote {o['file']} ({size:,} bytes): ONNX Runtime latency {o['latency_ms']:.2f} ms "
           "(batch 1, 1 thread, median of 100)")  # fmt: skip
+    predicted = o.get("torch_predicted_ms")
+    table = f", {predicted:.2f} ms predicted by the latency table" if predicted else ""
+    print(f"  PyTorch eager on this CPU: {o['torch_ms']:.2f} ms measured{table}")
     if o["trained"]:
         print(f"  ONNX Runtime vs PyTorch on {o['compared_on']} test images: max abs difference "
               f"{o['max_abs_difference']:.2e}; test accuracy {o['test_accuracy']:.4f} "
@@ -187,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.onnx:
                 for row, t in zip(rows, front, strict=True):
                     onnx = untrained_onnx(t, Path(args.onnx) / f"trial-{t.number}.onnx")
-                    row["onnx"], row["latency_ms"] = onnx["file"], onnx["latency_ms"]
+                    row["onnx"], row["onnx_ms"] = onnx["file"], onnx["latency_ms"]
             data = {
                 "format": FRONT_FORMAT,
                 "study_name": study.study_name,

@@ -121,6 +121,7 @@ def front_rows(
                 "bytes_fp32": count_bytes(spec, "fp32"),
                 "bytes_fp16": count_bytes(spec, "fp16"),
                 "activation_bytes_fp32": count_activation_bytes(spec, "fp32"),
+                **{k: t.user_attrs[k] for k in ("latency_ms",) if k in t.user_attrs},
                 "validation": t.value,
                 "train": train_command(study_name, t.number, storage),
             }
