@@ -110,7 +110,10 @@ def worker(url: str, name: str, cap: int, seconds: float, index: int, out: mp.Qu
         pruner = make_pruner("median", QUICK.rung_images())
         study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
         data = search_split(synthetic(n_train=400, n_test=16), 0, 256, 64)
-        search = Waiting(data, Limits(5_000_000, QUICK.max_macs), QUICK, 0, torch.device("cpu"))
+        # ahead: a GPU worker's loop, which samples the next candidate while a trial trains
+        search = Waiting(
+            data, Limits(5_000_000, QUICK.max_macs), QUICK, 0, torch.device("cpu"), ahead=True
+        )
         begin = time.time()
         run_worker(study, search, TimedSlots(study, cap, url), Stop(), url=url)
         end = time.time()

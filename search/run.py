@@ -179,7 +179,9 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> tuple[optuna.Study, Se
     if trains(args):
         launch.share_gpu(device)
     here = data.to(device) if trains(args) else data
-    search = Search(here, limits, profile, args.seed, device, args.artifact_dir)
+    search = Search(
+        here, limits, profile, args.seed, device, args.artifact_dir, ahead=device.type == "cuda"
+    )
     record_or_check(study, search.settings(args.pruner), args.storage)
     if "command" not in study.user_attrs:
         study.set_user_attr("command", command_line(argv))

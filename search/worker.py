@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from search.records import attach
 from search.sampler import make_sampler
 from search.signals import Stop, critical
 from search.slots import Slots, this_process
-from search.study import derived_seed, heartbeat, join
+from search.study import SLOT, derived_seed, heartbeat, join
 from search.trainer import (
     EvalStats,
     OutOfMemory,
@@ -59,6 +60,10 @@ class Search:
     seed: int  # the study's search seed: the split, and every trial's seed
     device: torch.device
     artifacts: Path | None = None  # optuna-dashboard artifacts; None: none
+    # Propose the next candidate while this one trains (a thread): on a GPU the host
+    # waits on the device, so sampling costs no trial time. Off on a CPU, where
+    # training needs every core and a search with one worker stays reproducible.
+    ahead: bool = False
 
     def settings(self, pruner: str) -> dict[str, object]:
         """What makes the trials of a study comparable: a resume must match all of it."""
@@ -133,35 +138,84 @@ def run_worker(
 
     drafts = drafting(study)  # a new trial is written once, not once per suggest
     rejected_in_a_row = 0
-    while slots.wait(finished):
-        trial = drafts.ask()
-        if not is_draft(trial):  # one the study had queued (a retry, a preset): in the database
-            trial = optuna.Trial(study, trial._trial_id)
-        for key, value in who.items():
-            trial.set_user_attr(key, value)
-        spec = space.suggest_arch(trial, search.data.shape, search.limits)
-        if not gate(trial, spec, search.limits):
-            frozen = rejected(study, trial)
-            rejected_in_a_row += 1
-            if on_tell is not None:
+    with ThreadPoolExecutor(1, thread_name_prefix="propose") as pool:
+        ahead: Future[Proposal] | None = None
+        while slots.wait(finished):
+            if ahead is not None:
+                proposal, ahead = ahead.result(), None
+            else:
+                proposal = propose(study, drafts, search, who)
+            if proposal.spec is None:  # rejected by the gate: told already
+                rejected_in_a_row += 1
+                if on_tell is not None:
+                    on_tell(study, proposal.frozen)
+                if rejected_in_a_row >= MAX_CONSECUTIVE_REJECTIONS:
+                    return "gave up"
+                continue
+            rejected_in_a_row = 0
+            claimed = slots.claim(proposal.trial)
+            if claimed is None:  # another worker took the last free slot first
+                unused(study, proposal.trial, search)
+                continue
+            if search.ahead:  # the next one is sampled while this one trains
+                ahead = pool.submit(propose, study, drafts, search, who)
+            cfg = replace(proposal.cfg, seed=trial_seed(search.seed, claimed.number))
+            frozen = run_trial(study, claimed, proposal.spec, cfg, search, stop, slots)
+            if on_tell is not None and frozen is not None:
                 on_tell(study, frozen)
-            if rejected_in_a_row >= MAX_CONSECUTIVE_REJECTIONS:
-                return "gave up"
-            continue
-        rejected_in_a_row = 0
-        cfg = space.suggest_training(trial, search.profile, len(search.data.train_y), 0)
-        trial.set_user_attr("device", device_name(search.device))
-        claimed = slots.claim(trial)
-        if claimed is None:  # another worker took the last free slot first
-            unused(study, trial, search)
-            continue
-        cfg = replace(cfg, seed=trial_seed(search.seed, claimed.number))
-        frozen = run_trial(study, claimed, spec, cfg, search, stop, slots)
-        if on_tell is not None and frozen is not None:
-            on_tell(study, frozen)
+        if ahead is not None:  # the study is done or stopped: the proposal is not trained
+            drop(study, ahead.result(), search, slots, on_tell)
     if stop():
         return "interrupted"
     return "timeout" if deadline is not None and time.monotonic() >= deadline else "done"
+
+
+@dataclass
+class Proposal:
+    """A candidate ready to claim a slot (`spec`, `cfg`), or one the gate rejected
+    (`spec` None, `frozen` as told)."""
+
+    trial: optuna.Trial
+    spec: ArchSpec | None = None
+    cfg: TrainConfig | None = None
+    frozen: FrozenTrial | None = None
+
+
+def drop(
+    study: optuna.Study,
+    proposal: Proposal,
+    search: Search,
+    slots: Slots,
+    on_tell: Callable[[optuna.Study, FrozenTrial], None] | None,
+) -> None:
+    """A proposal that will not train: a rejected one was told, a draft was never written;
+    one the study had queued goes back to the queue (a retry keeps its slot)."""
+    if proposal.spec is None:
+        if on_tell is not None and proposal.frozen is not None:
+            on_tell(study, proposal.frozen)
+    elif not is_draft(proposal.trial):
+        if SLOT in proposal.trial.user_attrs:
+            slots.requeue(proposal.trial, interrupted=True)
+        else:
+            unused(study, proposal.trial, search)
+
+
+def propose(
+    study: optuna.Study, drafts: optuna.Study, search: Search, who: dict[str, object]
+) -> Proposal:
+    """Ask, sample the architecture, gate it (a rejected one is told PRUNED here), then
+    sample its training settings."""
+    trial = drafts.ask()
+    if not is_draft(trial):  # one the study had queued (a retry, a preset): in the database
+        trial = optuna.Trial(study, trial._trial_id)
+    for key, value in who.items():
+        trial.set_user_attr(key, value)
+    spec = space.suggest_arch(trial, search.data.shape, search.limits)
+    if not gate(trial, spec, search.limits):
+        return Proposal(trial, frozen=rejected(study, trial))
+    cfg = space.suggest_training(trial, search.profile, len(search.data.train_y), 0)
+    trial.set_user_attr("device", device_name(search.device))
+    return Proposal(trial, spec, cfg)
 
 
 def rejected(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:

@@ -121,3 +121,60 @@ def test_a_draft_is_not_told_or_reported_by_mistake(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="write it first"):
         trial.report(0.5, 1)
     assert study.get_trials() == []
+
+
+def test_ahead_the_next_candidate_is_sampled_while_one_trains(tmp_path) -> None:
+    """`ahead` (a GPU worker): the sampler runs in another thread during a trial; the
+    count is exact and nothing is left running, queued or half-written."""
+    import threading
+    import time
+    from dataclasses import dataclass, replace
+
+    sampled_during: list[bool] = []
+    training = threading.Event()
+
+    class Watched(optuna.samplers.RandomSampler):
+        def sample_independent(self, *args, **kwargs):
+            sampled_during.append(training.is_set())
+            return super().sample_independent(*args, **kwargs)
+
+    @dataclass(frozen=True)
+    class Slow(Search):
+        def train(self, spec, cfg, on_eval=None, stop=None):
+            training.set()
+            try:
+                time.sleep(0.3)  # the device's time: the next proposal is made meanwhile
+                return super().train(spec, cfg, on_eval, stop)
+            finally:
+                training.clear()
+
+    base = small_search()
+    search = Slow(**{f: getattr(base, f) for f in base.__dataclass_fields__})
+    search = replace(search, ahead=True)
+    study = open_study(f"sqlite:///{tmp_path}/s.db", "s", heartbeat=None)
+    why = run_worker(study, search, Slots(study, 4, None), Stop(), url=None,
+                     sampler=lambda seed: Watched(seed=seed))  # fmt: skip
+    assert why == "done"
+    trials = study.get_trials()
+    assert sum(map(is_trained, trials)) == 4
+    assert all(t.state.is_finished() for t in trials)  # none running, none queued
+    assert any(sampled_during)  # proposals were sampled while a trial trained
+
+
+def test_ahead_a_queued_trial_not_trained_goes_back_to_the_queue(tmp_path) -> None:
+    """The study reaches its count while a queued preset was proposed ahead: the preset is
+    queued again (as a candidate that found no slot), not left RUNNING."""
+    from dataclasses import replace
+
+    from search.worker import warm_start
+
+    search = replace(small_search(), ahead=True, limits=Limits(5_000_000))
+    study = open_study(f"sqlite:///{tmp_path}/s.db", "s", heartbeat=None)
+    assert warm_start(study, ["resnet-tiny"], search) == []
+    assert warm_start(study, ["resnet-tiny"], search, again=True) == []
+    assert run_worker(study, search, Slots(study, 1, None), Stop(), url=None) == "done"
+    trials = study.get_trials()
+    assert sum(map(is_trained, trials)) == 1
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    queued = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(queued) == 1 and queued[0].user_attrs["preset"] == "resnet-tiny"
