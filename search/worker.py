@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -138,33 +139,43 @@ def run_worker(
 
     drafts = drafting(study)  # a new trial is written once, not once per suggest
     rejected_in_a_row = 0
+    pending: deque[Proposal] = deque()  # proposed, not yet tried for a slot
     with ThreadPoolExecutor(1, thread_name_prefix="propose") as pool:
-        ahead: Future[Proposal] | None = None
-        while slots.wait(finished):
+        ahead: Future[list[Proposal]] | None = None
+        try:
+            while slots.wait(finished):
+                if not pending:
+                    made = (
+                        ahead.result()
+                        if ahead is not None
+                        else [propose(study, drafts, search, who)]
+                    )
+                    pending.extend(made)
+                    ahead = None
+                proposal = pending.popleft()
+                if proposal.spec is None:  # rejected by the gate: told already
+                    rejected_in_a_row += 1
+                    if on_tell is not None:
+                        on_tell(study, proposal.frozen)
+                    if rejected_in_a_row >= MAX_CONSECUTIVE_REJECTIONS:
+                        return "gave up"
+                    continue
+                rejected_in_a_row = 0
+                claimed = slots.claim(proposal.trial)
+                if claimed is None:  # another worker took the last free slot first
+                    unused(study, proposal.trial, search)
+                    continue
+                if search.ahead and not pending:  # the next one is made while this one trains
+                    ahead = pool.submit(propose_until_one_fits, study, drafts, search, who)
+                cfg = replace(proposal.cfg, seed=trial_seed(search.seed, claimed.number))
+                frozen = run_trial(study, claimed, proposal.spec, cfg, search, stop, slots)
+                if on_tell is not None and frozen is not None:
+                    on_tell(study, frozen)
+        finally:  # done, stopped or failed: what was proposed ahead is not trained
             if ahead is not None:
-                proposal, ahead = ahead.result(), None
-            else:
-                proposal = propose(study, drafts, search, who)
-            if proposal.spec is None:  # rejected by the gate: told already
-                rejected_in_a_row += 1
-                if on_tell is not None:
-                    on_tell(study, proposal.frozen)
-                if rejected_in_a_row >= MAX_CONSECUTIVE_REJECTIONS:
-                    return "gave up"
-                continue
-            rejected_in_a_row = 0
-            claimed = slots.claim(proposal.trial)
-            if claimed is None:  # another worker took the last free slot first
-                unused(study, proposal.trial, search)
-                continue
-            if search.ahead:  # the next one is sampled while this one trains
-                ahead = pool.submit(propose, study, drafts, search, who)
-            cfg = replace(proposal.cfg, seed=trial_seed(search.seed, claimed.number))
-            frozen = run_trial(study, claimed, proposal.spec, cfg, search, stop, slots)
-            if on_tell is not None and frozen is not None:
-                on_tell(study, frozen)
-        if ahead is not None:  # the study is done or stopped: the proposal is not trained
-            drop(study, ahead.result(), search, slots, on_tell)
+                pending.extend(ahead.result())
+            for proposal in pending:
+                drop(study, proposal, search, slots, on_tell)
     if stop():
         return "interrupted"
     return "timeout" if deadline is not None and time.monotonic() >= deadline else "done"
@@ -198,6 +209,20 @@ def drop(
             slots.requeue(proposal.trial, interrupted=True)
         else:
             unused(study, proposal.trial, search)
+
+
+AHEAD_MOST = 10  # proposals made ahead at a time: the rejected ones, then one that fits
+
+
+def propose_until_one_fits(
+    study: optuna.Study, drafts: optuna.Study, search: Search, who: dict[str, object]
+) -> list[Proposal]:
+    """Proposals until one passes the gate (at most AHEAD_MOST): a rejected candidate
+    costs a sample too, so ahead it costs no trial time either."""
+    made = [propose(study, drafts, search, who)]
+    while made[-1].spec is None and len(made) < AHEAD_MOST:
+        made.append(propose(study, drafts, search, who))
+    return made
 
 
 def propose(
