@@ -100,7 +100,7 @@ def top_table(trials: list[FrozenTrial], n: int = 10) -> str:
     done = ranked(trials)[:n]
     head = (
         "<tr><th>trial</th><th>val acc</th><th>params</th><th>MACs</th><th>fp32 bytes</th>"
-        "<th>fp32 activations</th><th>stages "
+        "<th>fp32 activations</th><th>latency ms</th><th>stages "
         "(blocks x channels, kernel/skip)</th><th>pool</th><th>act</th><th>dropout</th>"
         "<th>optimizer</th><th>batch</th></tr>"
     )
@@ -119,6 +119,7 @@ def top_table(trials: list[FrozenTrial], n: int = 10) -> str:
             f"{t.user_attrs['macs']:,}",
             f"{count_bytes(trial_arch(t)):,}",
             f"{count_activation_bytes(trial_arch(t)):,}",
+            t.user_attrs.get("latency_ms", "-"),  # under a latency limit only
             stages,
             arch["pool"],
             arch["activation"],
@@ -135,7 +136,7 @@ def front_table(trials: list[FrozenTrial], study_name: str) -> str:
     rows = front_rows(pareto_front(trials), study_name)
     head = (
         "<tr><th>trial</th><th>params</th><th>MACs</th><th>fp32 bytes</th><th>fp16 bytes</th>"
-        "<th>fp32 activations</th><th>val acc</th><th>final training</th></tr>"
+        "<th>fp32 activations</th><th>latency ms</th><th>val acc</th><th>final training</th></tr>"
     )
     cells = [
         [
@@ -145,6 +146,7 @@ def front_table(trials: list[FrozenTrial], study_name: str) -> str:
             f"{r['bytes_fp32']:,}",
             f"{r['bytes_fp16']:,}",
             f"{r['activation_bytes_fp32']:,}",
+            r.get("latency_ms", "-"),
             f"{r['validation']:.4f}",
             r["train"],
         ]
