@@ -12,10 +12,12 @@ dropouts, which cost a module call). Each kind of layer (a conv per kernel and
 stride) is timed alone on random shapes that cover the search space, and a
 least-squares fit on relative error gives its time from its MACs, input and
 output sizes. The module calls around the layers (a block's forward, the
-sequences) are fitted last, from whole random networks: per block and per
-network. The table holds those coefficients; it is built once per machine,
-torch version and thread count (`build_table`, about a minute) and kept in
-~/.cache/budget-nas/ (or $NAS_CACHE_DIR).
+sequences) are fitted last, from 32 whole random networks (half of 1x28x28
+images under 20M MACs, half of 3x32x32 ones under 5M parameters): a scale on
+the layers' sum, a time per block and one per network. The table holds those
+coefficients; it is built once per machine, torch version and thread count
+(`build_table`, about half a minute) and kept in ~/.cache/budget-nas/ (or
+$NAS_CACHE_DIR).
 """
 
 from __future__ import annotations
@@ -296,7 +298,10 @@ def build_table(
     if on_progress:
         on_progress(f"{sum(len(m) for _, m in samples.values())} layers timed")
     alone = Table(threads, kinds, 1.0, 0.0, 0.0)
-    nets = calibration if calibration is not None else list(random_specs(32, seed + 1))
+    if calibration is None:  # small and large networks: the fixed costs matter for small ones
+        calibration = [*random_specs(16, seed + 1, (1, 28, 10), 20_000_000),
+                       *random_specs(16, seed + 2, (3, 32, 10))]  # fmt: skip
+    nets = calibration
     rows, ms = [], []
     for spec in nets:
         rows.append((alone.layers_ms(spec), float(len(block_plan(spec))), 1.0))

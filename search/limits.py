@@ -22,7 +22,7 @@ from models import ArchSpec, count_macs, count_params
 from models.complexity import DTYPE_BYTES, count_activation_bytes, count_bytes
 from search.latency import Table
 
-NEAR = 0.15  # the predictor's relative error at about its 90th percentile (benchmarks/README.md)
+NEAR = 0.3  # about the predictor's 90th-percentile relative error (benchmarks/README.md#latency)
 
 
 @dataclass(frozen=True)
