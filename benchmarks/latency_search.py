@@ -68,6 +68,8 @@ def main() -> None:
                 "gate_ms": t.user_attrs["latency_ms"],  # measured at the gate when near
                 "timed_at_gate": "latency_predicted_ms" in t.user_attrs,
                 "measured_ms": round(latency.model_ms(spec, args.threads), 4),
+                "architecture": spec.to_dict(),
+                "training": t.user_attrs.get("training"),
             }
         )
     over = [r for r in rows if r["measured_ms"] > limit]
