@@ -34,7 +34,7 @@ class Limits:
     activation_bytes: int | None = None  # peak at inference, batch 1; None: no limit
     latency_ms: float | None = None  # one image on the CPU the table is of; None: no limit
     latency: Table | None = field(default=None, compare=False, repr=False)  # its predictor
-    measure_near: bool = True  # time a candidate predicted near the latency limit (this CPU's)
+    measure_near: bool = False  # time a candidate predicted near the latency limit (this CPU's)
 
     def __post_init__(self) -> None:
         if self.weight_dtype not in DTYPE_BYTES:

@@ -100,11 +100,11 @@ def test_the_gate_predicts_and_times_a_candidate_near_the_limit() -> None:
     )  # fmt: skip
     predicted = count_macs(spec) / 1e6
     study = optuna.create_study()
-    far = Limits(10**6, latency_ms=predicted * 3, latency=flat_table())
+    far = Limits(10**6, latency_ms=predicted * 3, latency=flat_table(), measure_near=True)
     t = study.ask()
     assert gate(t, spec, far) and t.user_attrs["latency_ms"] == round(predicted, 4)
     assert "latency_predicted_ms" not in t.user_attrs  # far from the limit: not timed
-    near = Limits(10**6, latency_ms=predicted * 1.05, latency=flat_table())
+    near = Limits(10**6, latency_ms=predicted * 1.05, latency=flat_table(), measure_near=True)
     t = study.ask()
     gate(t, spec, near)
     assert t.user_attrs["latency_predicted_ms"] == round(predicted, 4)
