@@ -12,20 +12,14 @@ from typing import Any
 
 import torch
 
+from search.env import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine(device: str = "cpu") -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     info: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

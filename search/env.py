@@ -22,13 +22,16 @@ def device_name(device: torch.device) -> str:
     """`NVIDIA H100 80GB HBM3` on CUDA; the CPU model and thread count otherwise."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or "CPU"
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    return platform.processor() or "CPU"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import statistics
 import time
@@ -39,6 +38,7 @@ from torch import nn
 
 from models import ArchSpec, build_model
 from models.spec import ACTIVATIONS, block_plan
+from search.env import cpu_model
 
 FORMAT = "budget-nas-latency/1"
 RUNTIME = "torch eager inference, fp32, batch 1"
@@ -221,16 +221,8 @@ class Table:
 
 def this_machine(threads: int) -> dict[str, Any]:
     """What a table is valid for: the CPU, torch and the thread count."""
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "isa": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "threads": threads,
