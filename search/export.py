@@ -76,9 +76,9 @@ def print_front(rows: list[dict], within: Within) -> None:
         )
 
 
-def untrained_onnx(spec_trial: FrozenTrial, path: Path) -> dict[str, object]:
+def untrained_onnx(trial: FrozenTrial, path: Path) -> dict[str, object]:
     """A trial's architecture with fresh weights as ONNX (its graph and latency only)."""
-    spec = trial_arch(spec_trial)
+    spec = trial_arch(trial)
     model = deploy.Normalized(build_model(spec), [0.0] * spec.in_channels, [1.0] * spec.in_channels)
     deploy.to_onnx(model, spec, path)
     out = {"file": str(path), "trained": False, "latency_ms": round(deploy.latency_ms(path), 3)}
@@ -210,12 +210,15 @@ def main(argv: list[str] | None = None) -> int:
                 "rows": rows,
                 "front": [export_trial(study, t) for t in front],
             }
-        elif args.trial is None:
-            data = export_trial(study, best_within(trials, within))
         else:
-            data = export_trial(study, select_trial(study, args.trial))
-        if args.onnx and not args.front:
-            data["onnx"] = untrained_onnx(select_trial(study, data["trial"]), Path(args.onnx))
+            chosen = (
+                best_within(trials, within)
+                if args.trial is None
+                else select_trial(study, args.trial)
+            )
+            data = export_trial(study, chosen)
+            if args.onnx:
+                data["onnx"] = untrained_onnx(chosen, Path(args.onnx))
     except (StudyError, deploy.DeployError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
