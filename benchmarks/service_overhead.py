@@ -17,7 +17,8 @@ Recorded per run: the idle fraction (the share of each worker's loop time
 spent outside a trial's wait), the seconds outside the wait per trained trial
 at 100, 1,000 and 2,000 trained trials (the gap before each trial, counted at
 the study's size when it started), its parts (storage calls of the worker's
-main thread, waiting in `Slots.wait`), the exact count, lost and duplicated
+main thread, its waiting in `Slots.wait`; with `ahead`, as a GPU worker runs, the
+rest happens in another thread meanwhile), the exact count, lost and duplicated
 slots, and the peak number of database connections. Run it alone on the
 machine: on 2 cores, 16 processes also wait for the CPU.
 """
@@ -66,41 +67,42 @@ def worker(url: str, name: str, cap: int, seconds: float, index: int, out: mp.Qu
     from search.trainer import EvalStats, TrainResult
     from search.worker import Search, run_worker
 
-    waits: list[tuple[float, float]] = []
+    waits: list[tuple[float, float, float]] = []  # a trial's start, end, seconds asleep
 
     @dataclass(frozen=True)
     class Waiting(Search):
         """A Search whose candidates 'train' by waiting."""
 
         def train(self, spec, cfg, on_eval=None, stop=None):
-            start, done = time.time(), 0.0
+            start, done, slept = time.time(), 0.0, 0.0
             history = []
-            for rung, frac in enumerate(self.profile.rungs, 1):
-                time.sleep(seconds * (frac - done))
-                done = frac
-                acc = fake_accuracy(cfg, count_params(spec), frac)
-                history.append(
-                    EvalStats(rung, round(frac * cfg.images), rung, 0.0, 0.0, 0.0, acc, cfg.lr,
-                              seconds * frac, 0.0)
-                )  # fmt: skip
-                if on_eval is not None:
-                    try:
+            try:
+                for rung, frac in enumerate(self.profile.rungs, 1):
+                    t0 = time.time()
+                    time.sleep(seconds * (frac - done))
+                    slept += time.time() - t0
+                    done = frac
+                    acc = fake_accuracy(cfg, count_params(spec), frac)
+                    history.append(
+                        EvalStats(rung, round(frac * cfg.images), rung, 0.0, 0.0, 0.0, acc,
+                                  cfg.lr, seconds * frac, 0.0)
+                    )  # fmt: skip
+                    if on_eval is not None:  # the report and the pruner: outside the wait
                         on_eval(history[-1])
-                    except BaseException:
-                        waits.append((start, time.time()))
-                        raise
-            waits.append((start, time.time()))
+            finally:
+                waits.append((start, time.time(), slept))
             return TrainResult(torch.nn.Identity(), history, seconds, seconds, 0.0)
 
     class TimedSlots(Slots):
         waited = 0.0
 
-        def wait(self, stopped, poll_s: float = 2.0) -> bool:
+        def wait(self, stopped, poll_s: float = 2.0, block: bool = True) -> bool | None:
             t0 = time.perf_counter()
             try:
-                return super().wait(stopped, poll_s)
-            finally:
-                TimedSlots.waited += time.perf_counter() - t0
+                return super().wait(stopped, poll_s, block)
+            finally:  # the main thread's, as the storage calls: what the device waits on
+                if threading.current_thread() is threading.main_thread():
+                    TimedSlots.waited += time.perf_counter() - t0
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -127,14 +129,15 @@ def worker(url: str, name: str, cap: int, seconds: float, index: int, out: mp.Qu
 
 
 def overhead_as_it_grows(reports: list[dict], marks: tuple[int, ...]) -> dict[str, float]:
-    """Mean seconds outside the wait before a trial, for trials started near each mark
-    (the 10% of trials before it): the gap since the same worker's previous wait
-    ended (or since its loop began)."""
-    gaps = []  # (start time, gap)
+    """Mean seconds outside the wait per trial, for trials started near each mark (the
+    10% of trials before it): the gap since the same worker's previous trial ended (or
+    since its loop began), and the trial's own time outside its waits (reports, the
+    pruner)."""
+    gaps = []  # (start time, seconds outside the wait)
     for r in reports:
         last = r["begin"]
-        for start, end in sorted(r["waits"]):
-            gaps.append((start, start - last))
+        for start, end, slept in sorted(r["waits"]):
+            gaps.append((start, start - last + (end - start - slept)))
             last = end
     gaps.sort()
     out = {}
@@ -184,7 +187,7 @@ def measure(url: str, workers: int, cap: int, seconds: float) -> dict:
     slots = [t.user_attrs.get(SLOT) for t in trained]
     keys = [str(sorted(t.params.items())) for t in trained]
     ok = [r for r in reports if r["error"] is None]
-    waited = sum(e - s for r in ok for s, e in r["waits"])
+    waited = sum(slept for r in ok for _, _, slept in r["waits"])
     loop = sum(r["end"] - r["begin"] for r in ok)
     n = max(1, c["trained"])
     result = {

@@ -77,9 +77,11 @@ class Slots:
             Retry(MAX_RETRY, interrupted=interrupted)(self.study, frozen)
             return True
 
-    def wait(self, stopped: Callable[[], bool], poll_s: float = 2.0) -> bool:
+    def wait(
+        self, stopped: Callable[[], bool], poll_s: float = 2.0, block: bool = True
+    ) -> bool | None:
         """Block until this worker may start a trial (True) or should not (False: the study
-        has its count, or `stopped()`).
+        has its count, or `stopped()`); without `block`, None when no slot is free now.
 
         While every slot is held by running trials, a worker waits instead of
         sampling: if a holder's worker died, its trial is failed and retried
@@ -97,6 +99,8 @@ class Slots:
             waiting = [t for t in trials if t.state == TrialState.WAITING]
             if free or any(SLOT in t.user_attrs for t in waiting):
                 return True
+            if not block:
+                return None
             time.sleep(poll_s)
         return False
 

@@ -13,7 +13,6 @@ import os
 import socket
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -36,7 +35,7 @@ from search.records import attach
 from search.sampler import make_sampler
 from search.signals import Stop, critical
 from search.slots import Slots, this_process
-from search.study import SLOT, derived_seed, heartbeat, join
+from search.study import derived_seed, heartbeat, join
 from search.trainer import (
     EvalStats,
     OutOfMemory,
@@ -109,6 +108,44 @@ def trial_seed(seed: int, number: int) -> int:
     return derived_seed(seed, "trial", number)
 
 
+@dataclass
+class Ready:
+    """A candidate that holds a slot, its heartbeat beating: what the main thread trains."""
+
+    trial: optuna.Trial
+    spec: ArchSpec
+    cfg: TrainConfig
+    beat: contextlib.ExitStack
+
+
+@dataclass
+class Outcome:
+    """How a trial ended, to be told: its state, value and what to record with it."""
+
+    ready: Ready
+    state: TrialState
+    value: float | None
+    attrs: dict[str, object]
+
+
+class Now:
+    """An executor that runs each job at once, in this thread (a CPU worker's loop)."""
+
+    def submit(self, fn: Callable[..., object], *args: object) -> Future[object]:
+        done: Future[object] = Future()
+        try:
+            done.set_result(fn(*args))
+        except BaseException as e:
+            done.set_exception(e)
+        return done
+
+    def __enter__(self) -> Now:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def run_worker(
     study: optuna.Study,
     search: Search,
@@ -123,7 +160,9 @@ def run_worker(
     """Run trials until the study has its count; why it ended: done, timeout,
     interrupted or gave up (too many candidates in a row over the limits).
 
-    The sampler is made from this worker's own seed (`sampler(seed)`).
+    The sampler is made from this worker's own seed (`sampler(seed)`). With
+    `search.ahead` the main thread only trains: telling the last trial, waiting for a
+    slot, sampling, the gate and the claim of the next happen in a thread meanwhile.
     """
     number, sampler_seed = join(study, url, search.seed)
     study.sampler = sampler(sampler_seed)
@@ -137,99 +176,134 @@ def run_worker(
     def finished() -> bool:
         return stop() or (deadline is not None and time.monotonic() >= deadline)
 
-    drafts = drafting(study)  # a new trial is written once, not once per suggest
-    rejected_in_a_row = 0
-    pending: deque[Proposal] = deque()  # proposed, not yet tried for a slot
-    with ThreadPoolExecutor(1, thread_name_prefix="propose") as pool:
-        ahead: Future[list[Proposal]] | None = None
+    loop = Loop(study, search, slots, finished, who, on_tell)
+    told: Outcome | None = None  # trained, not yet told (ahead: the next job tells it)
+    jobs = ThreadPoolExecutor(1, thread_name_prefix="ahead") if search.ahead else Now()
+    with jobs:
+        upcoming: Future[Ready | str | None] | None = jobs.submit(loop.next, None, True)
         try:
-            while slots.wait(finished):
-                if not pending:
-                    made = (
-                        ahead.result()
-                        if ahead is not None
-                        else [propose(study, drafts, search, who)]
-                    )
-                    pending.extend(made)
-                    ahead = None
-                proposal = pending.popleft()
-                if proposal.spec is None:  # rejected by the gate: told already
-                    rejected_in_a_row += 1
-                    if on_tell is not None:
-                        on_tell(study, proposal.frozen)
-                    if rejected_in_a_row >= MAX_CONSECUTIVE_REJECTIONS:
-                        return "gave up"
+            while True:
+                ready = upcoming.result()
+                upcoming = None
+                if ready is None:  # nothing was free ahead: tell the last trial, then wait
+                    upcoming = jobs.submit(loop.next, told, True)
+                    told = None
                     continue
-                rejected_in_a_row = 0
-                claimed = slots.claim(proposal.trial)
-                if claimed is None:  # another worker took the last free slot first
-                    unused(study, proposal.trial, search)
-                    continue
-                if search.ahead and not pending:  # the next one is made while this one trains
-                    ahead = pool.submit(propose_until_one_fits, study, drafts, search, who)
-                cfg = replace(proposal.cfg, seed=trial_seed(search.seed, claimed.number))
-                frozen = run_trial(study, claimed, proposal.spec, cfg, search, stop, slots)
-                if on_tell is not None and frozen is not None:
-                    on_tell(study, frozen)
-        finally:  # done, stopped or failed: what was proposed ahead is not trained
-            if ahead is not None:
-                pending.extend(ahead.result())
-            for proposal in pending:
-                drop(study, proposal, search, slots, on_tell)
+                if isinstance(ready, str):
+                    break
+                if stop():  # stopped while it was claimed ahead
+                    loop.drop(ready)
+                    break
+                if search.ahead:  # the next one is made while this one trains
+                    upcoming = jobs.submit(loop.next, told, False)
+                    told = None
+                told = run_trial(study, ready, search, stop)
+                if not search.ahead:
+                    upcoming = jobs.submit(loop.next, told, True)
+                    told = None
+        finally:  # done, stopped or failed: tell what trained; what was claimed ahead goes back
+            if upcoming is not None:
+                with contextlib.suppress(Exception):
+                    left = upcoming.result()
+                    if isinstance(left, Ready):
+                        loop.drop(left)
+            if told is not None:
+                loop.tell(told)
     if stop():
         return "interrupted"
+    if ready == "gave up":
+        return ready
     return "timeout" if deadline is not None and time.monotonic() >= deadline else "done"
 
 
 @dataclass
-class Proposal:
-    """A candidate ready to claim a slot (`spec`, `cfg`), or one the gate rejected
-    (`spec` None, `frozen` as told)."""
+class Loop:
+    """One worker's steps around training: tell, wait for a slot, propose, claim."""
 
-    trial: optuna.Trial
-    spec: ArchSpec | None = None
-    cfg: TrainConfig | None = None
-    frozen: FrozenTrial | None = None
+    study: optuna.Study
+    search: Search
+    slots: Slots
+    finished: Callable[[], bool]
+    who: dict[str, object]
+    on_tell: Callable[[optuna.Study, FrozenTrial], None] | None
+    rejected_in_a_row: int = 0
 
+    def __post_init__(self) -> None:
+        self.drafts = drafting(self.study)  # a new trial is written once, not per suggest
 
-def drop(
-    study: optuna.Study,
-    proposal: Proposal,
-    search: Search,
-    slots: Slots,
-    on_tell: Callable[[optuna.Study, FrozenTrial], None] | None,
-) -> None:
-    """A proposal that will not train: a rejected one was told, a draft was never written;
-    one the study had queued goes back to the queue (a retry keeps its slot)."""
-    if proposal.spec is None:
-        if on_tell is not None and proposal.frozen is not None:
-            on_tell(study, proposal.frozen)
-    elif not is_draft(proposal.trial):
-        if SLOT in proposal.trial.user_attrs:
-            slots.requeue(proposal.trial, interrupted=True)
-        else:
-            unused(study, proposal.trial, search)
+    def next(self, told: Outcome | None, block: bool) -> Ready | str | None:
+        """Tell `told`, then the next candidate holding a slot; "done" or "gave up" when
+        there is none to train; None when `block` is off and no slot is free now."""
+        if told is not None:
+            self.tell(told)
+        while True:
+            free = self.slots.wait(self.finished, block=block)
+            if free is None:
+                return None
+            if not free:
+                return "done"
+            proposal = propose(self.study, self.drafts, self.search, self.who)
+            if isinstance(proposal, FrozenTrial):  # rejected by the gate, told
+                self.rejected_in_a_row += 1
+                if self.on_tell is not None:
+                    self.on_tell(self.study, proposal)
+                if self.rejected_in_a_row >= MAX_CONSECUTIVE_REJECTIONS:
+                    return "gave up"
+                continue
+            self.rejected_in_a_row = 0
+            trial, spec, cfg = proposal
+            claimed = self.slots.claim(trial)
+            if claimed is None:  # another worker took the last free slot first
+                unused(self.study, trial, self.search)
+                continue
+            beat = contextlib.ExitStack()
+            beat.enter_context(heartbeat(claimed))
+            cfg = replace(cfg, seed=trial_seed(self.search.seed, claimed.number))
+            claimed.set_user_attr("training", cfg.to_dict())
+            claimed.set_user_attr("seed", cfg.seed)
+            return Ready(claimed, spec, cfg, beat)
 
+    def tell(self, told: Outcome) -> None:
+        """Record how a trial ended and tell it (an interrupted one is queued again)."""
+        trial = told.ready.trial
+        told.ready.beat.close()
+        try:
+            for key, value in told.attrs.items():
+                trial.set_user_attr(key, value)
+            if told.state == TrialState.FAIL:
+                self.slots.requeue(trial, interrupted=True)
+                return
+            if told.state == TrialState.COMPLETE:  # before the tell: then it is read-only
+                self.attach_arch(trial, told.ready.spec)
+            frozen = self.study.tell(trial, told.value, state=told.state, skip_if_finished=True)
+        except UpdateFinishedTrialError:
+            frozen = None
+        if frozen is None or frozen.state != told.state:
+            failed_elsewhere(trial.number)
+            return
+        if self.on_tell is not None:
+            self.on_tell(self.study, frozen)
 
-AHEAD_MOST = 10  # proposals made ahead at a time: the rejected ones, then one that fits
+    def attach_arch(self, trial: optuna.Trial, spec: ArchSpec) -> None:
+        if self.search.artifacts is None:
+            return
+        try:
+            attach(trial, f"trial-{trial.number}-arch.json", spec.to_json() + "\n",
+                   self.search.artifacts)  # fmt: skip
+        except OSError as e:  # the dashboard misses one artifact; the trial stands
+            print(f"warning: artifact of trial {trial.number} not written: {e}", file=sys.stderr)
 
-
-def propose_until_one_fits(
-    study: optuna.Study, drafts: optuna.Study, search: Search, who: dict[str, object]
-) -> list[Proposal]:
-    """Proposals until one passes the gate (at most AHEAD_MOST): a rejected candidate
-    costs a sample too, so ahead it costs no trial time either."""
-    made = [propose(study, drafts, search, who)]
-    while made[-1].spec is None and len(made) < AHEAD_MOST:
-        made.append(propose(study, drafts, search, who))
-    return made
+    def drop(self, ready: Ready) -> None:
+        """A candidate claimed ahead that will not train now: queued again, with its slot."""
+        ready.beat.close()
+        self.slots.requeue(ready.trial, interrupted=True)
 
 
 def propose(
     study: optuna.Study, drafts: optuna.Study, search: Search, who: dict[str, object]
-) -> Proposal:
-    """Ask, sample the architecture, gate it (a rejected one is told PRUNED here), then
-    sample its training settings."""
+) -> tuple[optuna.Trial, ArchSpec, TrainConfig] | FrozenTrial:
+    """Ask, sample the architecture, gate it (a rejected one is told PRUNED here, and
+    returned as told), then sample its training settings."""
     trial = drafts.ask()
     if not is_draft(trial):  # one the study had queued (a retry, a preset): in the database
         trial = optuna.Trial(study, trial._trial_id)
@@ -237,10 +311,10 @@ def propose(
         trial.set_user_attr(key, value)
     spec = space.suggest_arch(trial, search.data.shape, search.limits)
     if not gate(trial, spec, search.limits):
-        return Proposal(trial, frozen=rejected(study, trial))
+        return rejected(study, trial)
     cfg = space.suggest_training(trial, search.profile, len(search.data.train_y), 0)
     trial.set_user_attr("device", device_name(search.device))
-    return Proposal(trial, spec, cfg)
+    return trial, spec, cfg
 
 
 def rejected(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
@@ -263,47 +337,36 @@ def unused(study: optuna.Study, trial: optuna.Trial, search: Search) -> None:
             warm_start(study, [trial.user_attrs["preset"]], search, again=True)
 
 
-def run_trial(
-    study: optuna.Study,
-    trial: optuna.Trial,
-    spec: ArchSpec,
-    cfg: TrainConfig,
-    search: Search,
-    stop: Stop,
-    slots: Slots,
-) -> FrozenTrial | None:
-    """Train a candidate that holds a slot, under the heartbeat, and tell how it ended.
+def run_trial(study: optuna.Study, ready: Ready, search: Search, stop: Stop) -> Outcome | None:
+    """Train a candidate that holds a slot; how it ended, to tell (`Loop.tell`).
 
-    Interrupted: failed and queued again (it keeps its slot; interruptions do not
-    use up its retries). Failed meanwhile by another worker (a heartbeat gap made
-    it look dead): given up here, since its retry is queued. An unexpected error:
-    failed with the reason, then raised.
+    Interrupted: FAIL, which the telling queues again (it keeps its slot;
+    interruptions do not use up its retries). Failed meanwhile by another worker
+    (a heartbeat gap made it look dead): None, given up here, since its retry is
+    queued. An unexpected error: failed with the reason, then raised.
     """
+    trial = ready.trial
     try:
-        with heartbeat(trial):
-            try:
-                state, value = train_trial(trial, spec, cfg, search, stop)
-            except UpdateFinishedTrialError:
-                raise
-            except Exception as e:
-                with contextlib.suppress(UpdateFinishedTrialError):  # the error, not this
-                    trial.set_user_attr("failed", f"{type(e).__name__}: {one_line(e)}")
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                raise
-        if state == TrialState.FAIL:
-            slots.requeue(trial, interrupted=True)
-            return None
-        frozen = study.tell(trial, value, state=state, skip_if_finished=True)
-        if frozen.state == state:
-            return frozen
+        state, value, attrs = train_trial(trial, ready.spec, ready.cfg, search, stop)
     except UpdateFinishedTrialError:
-        pass
+        ready.beat.close()
+        failed_elsewhere(trial.number)
+        return None
+    except Exception as e:
+        ready.beat.close()
+        with contextlib.suppress(UpdateFinishedTrialError):  # the error, not this
+            trial.set_user_attr("failed", f"{type(e).__name__}: {one_line(e)}")
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise
+    return Outcome(ready, state, value, attrs)
+
+
+def failed_elsewhere(number: int) -> None:
     print(
-        f"warning: trial {trial.number} was failed by another worker (no heartbeat for the "
-        "grace period); its retry, if it has retries left, trains the candidate",
+        f"warning: trial {number} was failed by another worker (no heartbeat for the grace "
+        "period); its retry, if it has retries left, trains the candidate",
         file=sys.stderr,
     )
-    return None
 
 
 def one_line(e: BaseException) -> str:
@@ -336,10 +399,9 @@ def gate(trial: optuna.Trial, spec: ArchSpec, limits: Limits) -> bool:
 
 def train_trial(
     trial: optuna.Trial, spec: ArchSpec, cfg: TrainConfig, search: Search, stop: Stop
-) -> tuple[TrialState, float | None]:
-    """Train one candidate, reporting at each rung; the state to tell, and the value."""
-    trial.set_user_attr("training", cfg.to_dict())
-    trial.set_user_attr("seed", cfg.seed)
+) -> tuple[TrialState, float | None, dict[str, object]]:
+    """Train one candidate, reporting at each rung (the pruner needs it now); the state to
+    tell, the value, and what to record with it (written when it is told)."""
     curve: list[float] = []
 
     def report(s: EvalStats) -> None:
@@ -355,39 +417,24 @@ def train_trial(
     try:
         result = search.train(spec, cfg, report, stop)
     except optuna.TrialPruned as e:
-        return _ended(trial, TrialState.PRUNED, pruned=str(e), val_curve=curve)
+        return TrialState.PRUNED, None, {"pruned": str(e), "val_curve": curve}
     except TrainingDiverged as e:
-        return _ended(trial, TrialState.PRUNED, pruned=f"diverged: {e}", val_curve=curve)
+        return TrialState.PRUNED, None, {"pruned": f"diverged: {e}", "val_curve": curve}
     except OutOfMemory as e:
         trial.set_constraint("memory", 1.0)  # the sampler learns this size and batch don't fit
-        return _ended(trial, TrialState.PRUNED, rejected=str(e))
+        return TrialState.PRUNED, None, {"rejected": str(e)}
     except Stopped as e:
         why = f"{stop.name}: {e}; the candidate will be retried when the study goes on"
-        return _ended(trial, TrialState.FAIL, interrupted=why)
+        return TrialState.FAIL, None, {"interrupted": why}
     last = result.history[-1]
-    _ended(
-        trial,
-        TrialState.COMPLETE,
-        val_curve=curve,
-        val_loss=last.val_loss,
-        train_seconds=round(result.train_seconds, 3),
-        seconds=round(result.total_seconds, 3),
-        images_per_s=round(result.images_per_s, 1),
-    )
-    if search.artifacts is not None:
-        try:
-            attach(
-                trial, f"trial-{trial.number}-arch.json", spec.to_json() + "\n", search.artifacts
-            )
-        except OSError as e:  # the dashboard misses one artifact; the trial stands
-            print(f"warning: artifact of trial {trial.number} not written: {e}", file=sys.stderr)
-    return TrialState.COMPLETE, last.val_acc
-
-
-def _ended(trial: optuna.Trial, state: TrialState, **attrs: object) -> tuple[TrialState, None]:
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
-    return state, None
+    attrs = {
+        "val_curve": curve,
+        "val_loss": last.val_loss,
+        "train_seconds": round(result.train_seconds, 3),
+        "seconds": round(result.total_seconds, 3),
+        "images_per_s": round(result.images_per_s, 1),
+    }
+    return TrialState.COMPLETE, last.val_acc, attrs
 
 
 def warm_start(

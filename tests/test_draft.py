@@ -124,19 +124,25 @@ def test_a_draft_is_not_told_or_reported_by_mistake(tmp_path) -> None:
 
 
 def test_ahead_the_next_candidate_is_sampled_while_one_trains(tmp_path) -> None:
-    """`ahead` (a GPU worker): the sampler runs in another thread during a trial; the
-    count is exact and nothing is left running, queued or half-written."""
+    """`ahead` (a GPU worker): the sampler runs in another thread during a trial, and a
+    trial is told there too, so the main thread only trains; the count is exact and
+    nothing is left running, queued or half-written."""
     import threading
     import time
     from dataclasses import dataclass, replace
 
     sampled_during: list[bool] = []
+    told_on_main: list[bool] = []
     training = threading.Event()
 
     class Watched(optuna.samplers.RandomSampler):
         def sample_independent(self, *args, **kwargs):
             sampled_during.append(training.is_set())
             return super().sample_independent(*args, **kwargs)
+
+        def after_trial(self, study, trial, state, values):
+            told_on_main.append(threading.current_thread() is threading.main_thread())
+            return super().after_trial(study, trial, state, values)
 
     @dataclass(frozen=True)
     class Slow(Search):
@@ -159,6 +165,7 @@ def test_ahead_the_next_candidate_is_sampled_while_one_trains(tmp_path) -> None:
     assert sum(map(is_trained, trials)) == 4
     assert all(t.state.is_finished() for t in trials)  # none running, none queued
     assert any(sampled_during)  # proposals were sampled while a trial trained
+    assert told_on_main and not any(told_on_main)
 
 
 def test_ahead_a_queued_trial_not_trained_goes_back_to_the_queue(tmp_path) -> None:
