@@ -138,14 +138,14 @@ def time_ms(
     fn: Callable[[], Any], min_repeats: int = 15, budget_s: float = 0.05, windows: int = 1
 ) -> float:
     """Milliseconds of the fastest call of `fn()`, after a warm-up: at least `min_repeats`
-    calls (more while the time budget lasts) in each of `windows` windows 0.1 s apart, so a
+    calls (more while the time budget lasts) in each of `windows` windows 0.05 s apart, so a
     neighbour that holds the core through one window does not decide the figure."""
     for _ in range(3):
         fn()
     best = float("inf")
     for w in range(windows):
         if w:
-            time.sleep(0.1)
+            time.sleep(0.05)
         start, n = time.perf_counter(), 0
         while n < min_repeats or time.perf_counter() - start < budget_s:
             t0 = time.perf_counter()

@@ -10,10 +10,7 @@ ones: it proposes architectures close to its first good ones, the median rule le
 those near-median ones finish, and the search refines before it has explored.
 `TrainedStartup`, the default, counts trained candidates instead (one pruned at the
 first rung counts), and TPE still learns from every rejected one, as an infeasible
-trial. Under a tight limit random candidates almost never fit (at a 0.39 ms latency
-limit 10 of the first 1,650 did, at about a second each), so the random start also
-ends after STARTUP_ASKS candidates: TPE then models the infeasible ones and draws
-near the least infeasible. The live benchmark that chose it, its figures and its command are in
+trial. The live benchmark that chose it, its figures and its command are in
 benchmarks/README.md, section Search efficiency.
 """
 
@@ -38,21 +35,18 @@ from optuna.trial import FrozenTrial, TrialState
 from search.slots import is_trained
 
 SAMPLER_STARTUP = 10  # trained candidates before TPE models (Optuna's default number)
-STARTUP_ASKS = 100  # or this many candidates, rejected ones included, whichever is first
 
 
 class TrainedStartup(optuna.samplers.BaseSampler):
-    """RandomSampler until `startup` candidates were trained (or `asks` were made), then
-    TPE; rejected ones still teach TPE then, as infeasible trials. One instance per
-    worker, which asks one trial at a time. (With the hyperband pruner Optuna shows the sampler one
+    """RandomSampler until `startup` candidates were trained, then TPE; rejected ones
+    still teach TPE then, as infeasible trials. One instance per worker, which asks
+    one trial at a time. (With the hyperband pruner Optuna shows the sampler one
     bracket's trials, so it counts that bracket's; once one bracket has `startup`,
     this worker stays on TPE.)
     """
 
-    def __init__(
-        self, seed: int | None, startup: int = SAMPLER_STARTUP, asks: int = STARTUP_ASKS
-    ) -> None:
-        self.startup, self.asks = startup, asks
+    def __init__(self, seed: int | None, startup: int = SAMPLER_STARTUP) -> None:
+        self.startup = startup
         self._random = optuna.samplers.RandomSampler(seed=seed)
         self._tpe = tpe(seed, startup=0)
         self._now: optuna.samplers.BaseSampler = self._random
@@ -62,7 +56,7 @@ class TrainedStartup(optuna.samplers.BaseSampler):
             ended = study.get_trials(
                 deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
             )
-            if sum(map(is_trained, ended)) >= self.startup or len(ended) >= self.asks:
+            if sum(map(is_trained, ended)) >= self.startup:
                 self._now = self._tpe
         self._now.before_trial(study, trial)
 

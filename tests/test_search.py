@@ -181,32 +181,6 @@ def test_a_trained_startup_is_not_shortened_by_rejected_candidates() -> None:
     assert asks[:12] == plain[:12] and off_by(asks[12:24]) < off_by(plain[12:24]) / 2
 
 
-def test_under_a_tight_limit_the_random_start_ends_after_its_asks() -> None:
-    """When random candidates almost never fit, TPE models after `asks` candidates,
-    from the infeasible ones, and draws near the feasible region."""
-    from search.sampler import TrainedStartup
-
-    def fitting(sampler: optuna.samplers.BaseSampler) -> list[bool]:
-        study = optuna.create_study(sampler=sampler)
-        out = []
-        for _ in range(60):
-            trial = study.ask()
-            x = trial.suggest_float("x", 0.0, 1.0)
-            trial.set_constraint("size", x - 0.05)  # fits below 0.05: 1 random draw in 20
-            out.append(x <= 0.05)
-            if x > 0.05:
-                trial.set_user_attr("rejected", "over the limit")
-                study.tell(trial, state=TrialState.PRUNED)
-            else:
-                study.tell(trial, x)
-        return out
-
-    ours = fitting(TrainedStartup(7, startup=10, asks=20))
-    plain = fitting(optuna.samplers.RandomSampler(seed=7))
-    assert ours[:20] == plain[:20] and sum(ours[:20]) < 10  # random, and few fit
-    assert sum(ours[20:]) >= 3 * max(1, sum(plain[20:]))
-
-
 def test_batch_sizes_fit_the_trial_length_and_the_print_says_what_they_give() -> None:
     p = Profile("p", 24_000, (0.5, 1.0), min_steps=250, batch_sizes=(32, 64, 96, 128))
     assert p.batch_choices(20_000) == (32, 64, 96)  # 128 leaves only 187 steps
