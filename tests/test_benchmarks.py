@@ -125,3 +125,53 @@ def test_summarizing_a_saved_file_keeps_what_it_was_measured_with(tmp_path, monk
     assert {k: saved[k] for k in old} == old
     assert saved["budget"] == 1_000_000
     assert saved["time_ratio"] == {"random": 1.0, "tpe": 1.0}
+
+
+def test_the_peers_flat_space_rebuilds_every_candidate_of_the_search_space() -> None:
+    """A SMAC or DEHB configuration is a point of the search's own space: a random
+    sample of the space, written as a ConfigSpace configuration and read back, gives
+    the same architecture and training settings."""
+    pytest.importorskip("ConfigSpace")
+    from benchmarks.peers import config_space, distributions, params_of
+    from search import space
+    from search.data import search_split, synthetic
+    from search.limits import Limits
+    from search.profile import QUICK
+
+    data = search_split(synthetic(n_train=64, n_test=8, channels=1, size=28), 0, 48, 16)
+    dists = distributions(data)
+    cs = config_space(dists, 0)
+    assert {h.name for h in cs.values()} == set(dists)
+    limits = Limits(5_000_000, QUICK.max_macs)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(0))
+    for _ in range(30):
+        trial = study.ask()
+        spec = space.suggest_arch(trial, data.shape, limits)
+        cfg = space.suggest_training(trial, QUICK, len(data.train_y), 0)
+        flat = dict(cs.sample_configuration())  # the unused parameters: any value
+        flat |= {k: str(v) if k in cs and hasattr(cs[k], "choices") else v
+                 for k, v in trial.params.items()}  # fmt: skip
+        fixed = optuna.trial.FixedTrial(params_of(flat, dists))
+        assert space.suggest_arch(fixed, data.shape, limits) == spec
+        assert space.suggest_training(fixed, QUICK, len(data.train_y), 0) == cfg
+        study.tell(trial, 0.0)
+
+
+def test_peers_summary_compares_the_default_with_the_best_peer() -> None:
+    pytest.importorskip("scipy")
+    from benchmarks.peers import summarize
+
+    def run(method: str, seed: int, final: float, at: float) -> dict:
+        return {"method": method, "seed": seed, "final_best": final,
+                "curve": [[at / 2, final - 0.01], [at, final]]}  # fmt: skip
+
+    runs = [run("default", s, 0.90 + s / 1000, 100) for s in range(5)]
+    runs += [run("smac", s, 0.88, 200) for s in range(5)]
+    runs += [run("dehb", s, 0.89, 250) for s in range(5)]
+    out = summarize(runs, 300)
+    assert out["best_peer"] == "dehb" and out["best_peer_median_final_best"] == 0.89
+    assert out["default_median_final_best"] == 0.902
+    # the default reaches 0.89 at its curve's first point (50 s); dehb at 250 s
+    assert out["time_ratio_vs_best_peer"] == 0.2
+    assert out["wilcoxon_default_vs_best_peer"]["wins"] == 5
+    assert out["methods"]["smac"]["median_seconds_to"]["default"] == 600  # never: twice
