@@ -142,7 +142,7 @@ def params_of(config: dict[str, Any], dists: dict[str, BaseDistribution]) -> dic
         else:
             v = min(max(float(v), d.low), d.high)
             if d.step is not None:
-                v = d.low + round((v - d.low) / d.step) * d.step
+                v = min(d.low + round((v - d.low) / d.step) * d.step, d.high)  # as Optuna rounds
             out[name] = v
     return out
 
