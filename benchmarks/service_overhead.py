@@ -17,10 +17,11 @@ Recorded per run: the idle fraction (the share of each worker's loop time
 spent outside a trial's wait), the seconds outside the wait per trained trial
 at 100, 1,000 and 2,000 trained trials (the gap before each trial, counted at
 the study's size when it started), its parts (storage calls of the worker's
-main thread, its waiting in `Slots.wait`; with `ahead`, as a GPU worker runs, the
-rest happens in another thread meanwhile), the exact count, lost and duplicated
-slots, and the peak number of database connections. Run it alone on the
-machine: on 2 cores, 16 processes also wait for the CPU.
+main thread; waiting in `Slots.wait` while no trial trains; a worker that
+proposes ahead also waits on its ahead thread, which neither part counts), the
+exact count, lost and duplicated slots, and the peak number of database
+connections. Run it alone on the machine: on 2 cores, 16 processes also wait
+for the CPU.
 """
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ def worker(url: str, name: str, cap: int, seconds: float, index: int, out: mp.Qu
             t0 = time.perf_counter()
             try:
                 return super().wait(stopped, poll_s, block)
-            finally:  # the main thread's, as the storage calls: what the device waits on
-                if threading.current_thread() is threading.main_thread():
+            finally:  # what the device waits on: the main thread's, and a blocking one
+                # in the ahead thread, which the main thread waits for
+                if block or threading.current_thread() is threading.main_thread():
                     TimedSlots.waited += time.perf_counter() - t0
 
     torch.set_num_threads(1)

@@ -5,7 +5,9 @@ A signal sets an event, and a parent passes it on to its workers at once
 (between optimizer steps, between trials), so no storage call is cut in half.
 The running trial is then marked and retried later, and the process exits with
 128 + the signal's number. A second Ctrl-C stops at once, except inside `critical()`
-(main thread only), which it lets finish first.
+on the main thread, which it lets finish first. In another thread (a worker's
+ahead thread) `critical()` holds nothing: the main thread waits for that thread's
+job to end before it exits.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ _held = {"depth": 0, "pending": False}  # a second Ctrl-C that arrived inside cr
 def critical() -> Iterator[None]:
     """Steps that must not be cut apart (fail a trial, queue its retry): a second
     Ctrl-C that lands inside waits for the end, then stops at once as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _held["depth"] += 1
     try:
         yield

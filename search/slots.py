@@ -104,6 +104,13 @@ class Slots:
             time.sleep(poll_s)
         return False
 
+    def plenty(self) -> bool:
+        """Whether more slots are free than trials are running: then a worker may claim
+        its next trial while its current one trains, and no other worker lacks a slot."""
+        trials = self.study.get_trials(deepcopy=False)
+        running = sum(t.state == TrialState.RUNNING and SLOT in t.user_attrs for t in trials)
+        return self.cap - len(slot_holders(trials)) > running
+
     def fail_stale(self) -> None:
         """Fail and retry trials whose heartbeat is older than the grace period; at most
         once a heartbeat interval, the time scale on which a trial can become stale."""

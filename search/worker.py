@@ -60,9 +60,9 @@ class Search:
     seed: int  # the study's search seed: the split, and every trial's seed
     device: torch.device
     artifacts: Path | None = None  # optuna-dashboard artifacts; None: none
-    # Propose the next candidate while this one trains (a thread): on a GPU the host
-    # waits on the device, so sampling costs no trial time. Off on a CPU, where
-    # training needs every core and a search with one worker stays reproducible.
+    # Tell the last trial and propose and claim the next while this one trains (a
+    # thread): on a GPU the host waits on the device, so this costs no trial time. Off
+    # on a CPU, where training needs every core and one worker stays reproducible.
     ahead: bool = False
 
     def settings(self, pruner: str) -> dict[str, object]:
@@ -110,12 +110,14 @@ def trial_seed(seed: int, number: int) -> int:
 
 @dataclass
 class Ready:
-    """A candidate that holds a slot, its heartbeat beating: what the main thread trains."""
+    """A candidate that passed the gate: what the main thread trains. Claimed, it holds a
+    slot and its heartbeat beats (`beat`); proposed ahead when slots were few, it is
+    claimed by the main thread when that is free (`beat` None)."""
 
     trial: optuna.Trial
     spec: ArchSpec
     cfg: TrainConfig
-    beat: contextlib.ExitStack
+    beat: contextlib.ExitStack | None = None
 
 
 @dataclass
@@ -162,7 +164,10 @@ def run_worker(
 
     The sampler is made from this worker's own seed (`sampler(seed)`). With
     `search.ahead` the main thread only trains: telling the last trial, waiting for a
-    slot, sampling, the gate and the claim of the next happen in a thread meanwhile.
+    slot, sampling, the gate and the claim of the next happen in a thread meanwhile
+    (`on_tell` is called there). A claim made ahead holds a second slot while this
+    worker's trial trains, so it is made only while free slots outnumber the trials
+    running (`Slots.plenty`); near the end of a study the main thread claims.
     """
     number, sampler_seed = join(study, url, search.seed)
     study.sampler = sampler(sampler_seed)
@@ -185,14 +190,16 @@ def run_worker(
             while True:
                 ready = upcoming.result()
                 upcoming = None
-                if ready is None:  # nothing was free ahead: tell the last trial, then wait
+                if isinstance(ready, Ready) and finished():  # stopped or out of time meanwhile
+                    loop.drop(ready)
+                    ready = "done"
+                if isinstance(ready, Ready) and ready.beat is None:
+                    ready = loop.claim(ready)  # proposed ahead, claimed now that it can train
+                if ready is None:  # nothing to train now: tell the last trial, then wait
                     upcoming = jobs.submit(loop.next, told, True)
                     told = None
                     continue
                 if isinstance(ready, str):
-                    break
-                if stop():  # stopped while it was claimed ahead
-                    loop.drop(ready)
                     break
                 if search.ahead:  # the next one is made while this one trains
                     upcoming = jobs.submit(loop.next, told, False)
@@ -202,13 +209,16 @@ def run_worker(
                     upcoming = jobs.submit(loop.next, told, True)
                     told = None
         finally:  # done, stopped or failed: tell what trained; what was claimed ahead goes back
-            if upcoming is not None:
-                with contextlib.suppress(Exception):
+            try:
+                if upcoming is not None:
                     left = upcoming.result()
                     if isinstance(left, Ready):
                         loop.drop(left)
-            if told is not None:
-                loop.tell(told)
+            except Exception as e:  # the error the main thread raises, if any, comes first
+                print(f"warning: proposing ahead failed: {one_line(e)}", file=sys.stderr)
+            finally:
+                if told is not None:
+                    loop.tell(told)
     if stop():
         return "interrupted"
     if ready == "gave up":
@@ -252,37 +262,60 @@ class Loop:
                 continue
             self.rejected_in_a_row = 0
             trial, spec, cfg = proposal
-            claimed = self.slots.claim(trial)
-            if claimed is None:  # another worker took the last free slot first
-                unused(self.study, trial, self.search)
-                continue
-            beat = contextlib.ExitStack()
-            beat.enter_context(heartbeat(claimed))
-            cfg = replace(cfg, seed=trial_seed(self.search.seed, claimed.number))
+            if not block and not self.slots.plenty():
+                # Few slots left: claimed ahead, one would wait behind this worker's trial
+                # while another worker could train it now. The main thread claims it.
+                return Ready(trial, spec, cfg)
+            ready = self.claim(Ready(trial, spec, cfg))
+            if ready is not None:
+                return ready
+
+    def claim(self, proposal: Ready) -> Ready | None:
+        """`proposal` holding a slot, its heartbeat started and its settings recorded; None
+        (the candidate failed as unused) when another worker took the last free slot."""
+        claimed = self.slots.claim(proposal.trial)
+        if claimed is None:
+            unused(self.study, proposal.trial, self.search)
+            return None
+        beat = contextlib.ExitStack()
+        beat.enter_context(heartbeat(claimed))
+        try:
+            cfg = replace(proposal.cfg, seed=trial_seed(self.search.seed, claimed.number))
             claimed.set_user_attr("training", cfg.to_dict())
             claimed.set_user_attr("seed", cfg.seed)
-            return Ready(claimed, spec, cfg, beat)
+        except BaseException:
+            beat.close()
+            self.slots.requeue(claimed)
+            raise
+        return Ready(claimed, proposal.spec, cfg, beat)
 
     def tell(self, told: Outcome) -> None:
         """Record how a trial ended and tell it (an interrupted one is queued again)."""
         trial = told.ready.trial
-        told.ready.beat.close()
         try:
-            for key, value in told.attrs.items():
-                trial.set_user_attr(key, value)
-            if told.state == TrialState.FAIL:
-                self.slots.requeue(trial, interrupted=True)
-                return
-            if told.state == TrialState.COMPLETE:  # before the tell: then it is read-only
-                self.attach_arch(trial, told.ready.spec)
-            frozen = self.study.tell(trial, told.value, state=told.state, skip_if_finished=True)
+            with told.ready.beat or contextlib.nullcontext():  # it beats until it is told
+                frozen = self._write(told)
         except UpdateFinishedTrialError:
             frozen = None
+        if told.state == TrialState.FAIL:
+            return
         if frozen is None or frozen.state != told.state:
             failed_elsewhere(trial.number)
             return
         if self.on_tell is not None:
             self.on_tell(self.study, frozen)
+
+    def _write(self, told: Outcome) -> FrozenTrial | None:
+        """The trial's records, then its tell (None: interrupted, queued again)."""
+        trial = told.ready.trial
+        for key, value in told.attrs.items():
+            trial.set_user_attr(key, value)
+        if told.state == TrialState.FAIL:
+            self.slots.requeue(trial, interrupted=True)
+            return None
+        if told.state == TrialState.COMPLETE:  # before the tell: then it is read-only
+            self.attach_arch(trial, told.ready.spec)
+        return self.study.tell(trial, told.value, state=told.state, skip_if_finished=True)
 
     def attach_arch(self, trial: optuna.Trial, spec: ArchSpec) -> None:
         if self.search.artifacts is None:
@@ -294,9 +327,13 @@ class Loop:
             print(f"warning: artifact of trial {trial.number} not written: {e}", file=sys.stderr)
 
     def drop(self, ready: Ready) -> None:
-        """A candidate claimed ahead that will not train now: queued again, with its slot."""
-        ready.beat.close()
-        self.slots.requeue(ready.trial, interrupted=True)
+        """A candidate made ahead that will not train now. Claimed: queued again, with its
+        slot. Not claimed: a draft was never written; one the study had queued goes back."""
+        if ready.beat is not None:
+            ready.beat.close()
+            self.slots.requeue(ready.trial, interrupted=True)
+        elif not is_draft(ready.trial):
+            unused(self.study, ready.trial, self.search)
 
 
 def propose(
@@ -345,18 +382,21 @@ def run_trial(study: optuna.Study, ready: Ready, search: Search, stop: Stop) -> 
     (a heartbeat gap made it look dead): None, given up here, since its retry is
     queued. An unexpected error: failed with the reason, then raised.
     """
-    trial = ready.trial
+    trial, beat = ready.trial, ready.beat or contextlib.ExitStack()
     try:
         state, value, attrs = train_trial(trial, ready.spec, ready.cfg, search, stop)
     except UpdateFinishedTrialError:
-        ready.beat.close()
+        beat.close()
         failed_elsewhere(trial.number)
         return None
     except Exception as e:
-        ready.beat.close()
+        beat.close()
         with contextlib.suppress(UpdateFinishedTrialError):  # the error, not this
             trial.set_user_attr("failed", f"{type(e).__name__}: {one_line(e)}")
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise
+    except BaseException:  # a second Ctrl-C: out at once; the heartbeat stops with it
+        beat.close()
         raise
     return Outcome(ready, state, value, attrs)
 

@@ -3,10 +3,12 @@ written once, on a real SQLite study, with everything a trial told step by step 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import optuna
 import pytest
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from search import space
 from search.data import search_split, synthetic
@@ -168,20 +170,77 @@ def test_ahead_the_next_candidate_is_sampled_while_one_trains(tmp_path) -> None:
     assert told_on_main and not any(told_on_main)
 
 
-def test_ahead_a_queued_trial_not_trained_goes_back_to_the_queue(tmp_path) -> None:
-    """The study reaches its count while a queued preset was proposed ahead: the preset is
-    queued again (as a candidate that found no slot), not left RUNNING."""
-    from dataclasses import replace
+def slow_ahead(url: str, until: Callable[[optuna.Study], bool], stop: Stop | None = None) -> Search:
+    """A Search that proposes ahead and whose training waits (up to 10 s) until
+    `until(study)` holds, then requests `stop` if given, and trains."""
+    import time
+    from dataclasses import dataclass, replace
 
+    @dataclass(frozen=True)
+    class Slow(Search):
+        def train(self, spec, cfg, on_eval=None, stop_=None):
+            study = optuna.load_study(study_name="s", storage=url)
+            end = time.monotonic() + 10
+            while not until(study) and time.monotonic() < end:
+                time.sleep(0.05)
+            if stop is not None:
+                stop.request()
+            return super().train(spec, cfg, on_eval, stop_)
+
+    base = small_search()
+    search = Slow(**{f: getattr(base, f) for f in base.__dataclass_fields__})
+    return replace(search, ahead=True, limits=Limits(5_000_000))
+
+
+def running(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+
+
+def test_ahead_a_stop_sends_the_trial_claimed_ahead_back_with_its_slot(tmp_path) -> None:
+    """Stopped while one trains and the next is claimed: both are queued again with their
+    slots (the count stays exact on resume), none is left RUNNING."""
+    url, stop = f"sqlite:///{tmp_path}/s.db", Stop()
+    search = slow_ahead(url, lambda s: len(running(s)) == 2, stop)
+    study = open_study(url, "s", heartbeat=None)
+    assert run_worker(study, search, Slots(study, 5, None), stop, url=None) == "interrupted"
+    trials = study.get_trials()
+    assert not running(study) and sum(map(is_trained, trials)) == 0
+    queued = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.user_attrs[SLOT] for t in queued) == [0, 1]
+
+
+def test_ahead_near_the_end_the_next_is_proposed_not_claimed(tmp_path) -> None:
+    """With as many free slots as running trials, the next candidate is proposed ahead but
+    not claimed (another worker may train it now); stopped then, a queued preset it was
+    goes back to the queue, and nothing is left RUNNING."""
     from search.worker import warm_start
 
-    search = replace(small_search(), ahead=True, limits=Limits(5_000_000))
-    study = open_study(f"sqlite:///{tmp_path}/s.db", "s", heartbeat=None)
+    url, stop = f"sqlite:///{tmp_path}/s.db", Stop()
+    search = slow_ahead(url, lambda s: len(running(s)) == 2, stop)
+    study = open_study(url, "s", heartbeat=None)
     assert warm_start(study, ["resnet-tiny"], search) == []
     assert warm_start(study, ["resnet-tiny"], search, again=True) == []
-    assert run_worker(study, search, Slots(study, 1, None), Stop(), url=None) == "done"
+    assert run_worker(study, search, Slots(study, 2, None), stop, url=None) == "interrupted"
     trials = study.get_trials()
-    assert sum(map(is_trained, trials)) == 1
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert not running(study)
     queued = [t for t in trials if t.state == TrialState.WAITING]
-    assert len(queued) == 1 and queued[0].user_attrs["preset"] == "resnet-tiny"
+    assert len(queued) == 2 and all(t.user_attrs["preset"] == "resnet-tiny" for t in queued)
+    # the first, interrupted, keeps its slot; the second was never claimed
+    assert sorted(str(t.user_attrs.get(SLOT)) for t in queued) == ["0", "None"]
+
+
+def test_ahead_a_timeout_starts_no_trial_after_the_deadline(tmp_path) -> None:
+    """`--timeout` stops starting trials: the one claimed ahead before the deadline is not
+    trained after it; it is queued again with its slot."""
+    import time
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    search = slow_ahead(url, lambda s: len(running(s)) == 2)
+    study = open_study(url, "s", heartbeat=None)
+    start = time.monotonic()
+    why = run_worker(study, search, Slots(study, 5, None), Stop(), url=None, timeout=0.1)
+    assert why == "timeout"
+    trials = study.get_trials()
+    assert sum(map(is_trained, trials)) == 1 and not running(study)
+    assert [t.user_attrs[SLOT] for t in trials if t.state == TrialState.WAITING] == [1]
+    assert time.monotonic() - start < 60
