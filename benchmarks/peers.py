@@ -211,12 +211,14 @@ def run_peer(method: str, seed: int, seconds: float, data: SearchData, limits: L
         try:
             while not stop():
                 job, config, images = ask()
-                t0 = time.perf_counter()
+                t0, rejected = time.perf_counter(), objective.rejected
                 try:
                     acc = objective(config, images)
                 except Stopped:
                     break
                 tell(job, acc, time.perf_counter() - t0)
+                if objective.rejected > rejected:
+                    continue
                 if images >= rungs[-1]:
                     full += 1
                     if acc > best:
