@@ -3,12 +3,12 @@
 python -m benchmarks.latency [--threads 1] [--specs 200]
 
 Builds this machine's table (search/latency.py: layers timed alone, fitted, then
-calibrated on 32 random networks) and records how long that took; then, on
+calibrated on 40 random networks) and records how long that took; then, on
 random architectures as the search samples them that the calibration never saw
-(other seeds), measures each built model (batch 1, fp32, eager inference) and
-compares with the prediction (each measured in latency.ROUNDS rounds through all,
-the fastest kept, as the table's own timings): Spearman rank correlation, median and 90th
-percentile of the relative error. Two spaces: the quick Fashion-MNIST search's
+(other seeds), measures each built model (batch 1, fp32, eager inference; the
+fastest of latency.ROUNDS rounds through all, as the table's own timings:
+`latency.fastest_ms`) and compares with the prediction: Spearman rank
+correlation, median and 90th percentile of the relative error. Two spaces: the quick Fashion-MNIST search's
 (1x28x28, 20M-MAC cap) and CIFAR-10's at 5M parameters with no MAC cap. Run it
 alone on the machine.
 """
@@ -48,11 +48,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 def evaluate(table: latency.Table, specs: list, threads: int) -> dict:
     predicted = [table.predict(spec) for spec in specs]
-    measured = [float("inf")] * len(specs)
-    for _ in range(latency.ROUNDS):  # rounds through all: a neighbour's seconds miss one
-        measured = [
-            min(m, latency.model_ms(s, threads)) for m, s in zip(measured, specs, strict=True)
-        ]
+    measured = latency.fastest_ms(specs, threads)
     rel = sorted(abs(p - m) / m for p, m in zip(predicted, measured, strict=True))
     return {
         "specs": len(specs),

@@ -34,14 +34,6 @@ from search.slots import is_trained
 ROUNDS = 3
 
 
-def timed(specs: list[ArchSpec], threads: int) -> list[float]:
-    """Each spec's fastest latency over ROUNDS rounds through all of them."""
-    best = [float("inf")] * len(specs)
-    for _ in range(ROUNDS):
-        best = [min(b, latency.model_ms(s, threads)) for b, s in zip(best, specs, strict=True)]
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=100)
@@ -52,7 +44,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     saved = json.loads((RESULTS / "nas_vs_hand-cpu.json").read_text())
     winner = ArchSpec.from_dict(saved["designs"]["search winner"]["architecture"])
-    winner_ms = timed([winner], args.threads)[0]
+    winner_ms = latency.fastest_ms([winner], args.threads, ROUNDS)[0]
     limit = args.limit_ms or round(winner_ms / 2, 3)  # this VM's timings vary run to run
     print(f"unconstrained winner: {winner_ms:.3f} ms; limit {limit} ms", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +63,7 @@ def main() -> None:
     table = latency.load_table(args.threads, build=False)
     rows = []
     trained = [t for t in trials if is_trained(t)]
-    measured = timed([trial_arch(t) for t in trained], args.threads)
+    measured = latency.fastest_ms([trial_arch(t) for t in trained], args.threads, ROUNDS)
     for t, ms in zip(trained, measured, strict=True):
         spec = trial_arch(t)
         rows.append(

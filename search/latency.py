@@ -310,14 +310,20 @@ def build_table(
                        *random_specs(8, seed + 3, (1, 28, 10), 20_000_000, stages=1),
                        *random_specs(16, seed + 2, (3, 32, 10))]  # fmt: skip
     rows = [(alone.layers_ms(spec), float(len(block_plan(spec))), 1.0) for spec in calibration]
-    ms = [float("inf")] * len(calibration)
-    for _ in range(ROUNDS):  # a neighbour that holds the core for seconds misses a round
-        ms = [min(m, model_ms(spec, threads)) for m, spec in zip(ms, calibration, strict=True)]
-    scale, per_block, per_network = _fit_nonnegative(rows, ms)
+    scale, per_block, per_network = _fit_nonnegative(rows, fastest_ms(calibration, threads))
     return Table(
         threads, kinds, scale, per_block, per_network, this_machine(threads),
         round(time.perf_counter() - start, 1),
     )  # fmt: skip
+
+
+def fastest_ms(specs: list[ArchSpec], threads: int, rounds: int = ROUNDS) -> list[float]:
+    """Each network's fastest `model_ms` over `rounds` rounds through all of them: a
+    neighbour that holds the core for seconds misses a network's other rounds."""
+    best = [float("inf")] * len(specs)
+    for _ in range(rounds):
+        best = [min(b, model_ms(s, threads)) for b, s in zip(best, specs, strict=True)]
+    return best
 
 
 def layer_ms(layer: Layer, threads: int) -> float:
