@@ -8,9 +8,9 @@ random architectures as the search samples them that the calibration never saw
 (other seeds), measures each built model (batch 1, fp32, eager inference; the
 fastest of latency.ROUNDS rounds through all, as the table's own timings:
 `latency.fastest_ms`) and compares with the prediction: Spearman rank
-correlation, median and 90th percentile of the relative error. Two spaces: the quick Fashion-MNIST search's
-(1x28x28, 20M-MAC cap) and CIFAR-10's at 5M parameters with no MAC cap. Run it
-alone on the machine.
+correlation, median and 90th percentile of the relative error. Two spaces: the
+quick Fashion-MNIST search's (1x28x28, 20M-MAC cap) and CIFAR-10's at 5M
+parameters with no MAC cap. Run it alone on the machine.
 """
 
 from __future__ import annotations

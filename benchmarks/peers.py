@@ -71,6 +71,7 @@ from optuna.distributions import (
 )
 
 from benchmarks.machine import save, saved_for_resume
+from benchmarks.search_efficiency import timed_search
 from models.spec import max_stages
 from search import space
 from search.data import SearchData, load_dataset, search_split
@@ -79,10 +80,9 @@ from search.profile import QUICK
 from search.records import counts
 from search.sampler import make_sampler
 from search.signals import Stop
-from search.slots import Slots
 from search.study import derived_seed, make_pruner
 from search.trainer import OutOfMemory, Stopped, TrainingDiverged, train
-from search.worker import Search, run_worker
+from search.worker import Search
 
 TASKS = {
     "quick-5M": Limits(5_000_000, QUICK.max_macs),
@@ -305,8 +305,6 @@ def run_optuna(method: str, seed: int, seconds: float, data: SearchData, limits:
     else:
         raise ValueError(f"not an Optuna method: {method}")
     search = Search(data, limits, QUICK, seed, torch.device("cpu"))
-    study = optuna.create_study(direction="maximize", pruner=pruner)
-    stop = Stop()
     curve: Curve = []
     best = 0.0
     start = time.perf_counter()
@@ -317,13 +315,7 @@ def run_optuna(method: str, seed: int, seconds: float, data: SearchData, limits:
             best = t.value
             curve.append((time.perf_counter() - start, best))
 
-    timer = threading.Timer(seconds, stop.request)
-    timer.start()
-    try:
-        slots = Slots(study, 10**6, None)
-        run_worker(study, search, slots, stop, url=None, on_tell=record, sampler=sampler)
-    finally:
-        timer.cancel()
+    study = timed_search(search, sampler, pruner, seconds, record)
     c = counts(study.get_trials(deepcopy=False))
     print(f"  {method:16s} seed {seed}: best {best:.4f}; {c['trained']} trained "
           f"({c['complete']} complete, {c['pruned']} pruned), {c['rejected']} rejected",

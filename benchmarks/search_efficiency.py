@@ -40,6 +40,7 @@ import re
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -71,9 +72,6 @@ def run_one(method: str, seed: int, seconds: float, search: Search) -> dict:
         tpe_startup, trained_only, kind, pruner_startup = method_parts(method)
         pruner = make_pruner(kind, rungs, pruner_startup)
         sampler = functools.partial(make_sampler, startup=tpe_startup, trained_only=trained_only)
-    study = optuna.create_study(direction="maximize", pruner=pruner)
-    stop = Stop()
-    timer = threading.Timer(seconds, stop.request)
     start, curve, best = time.perf_counter(), [], 0.0
     log: list[list] = []  # every trained trial: where the wall clock went
 
@@ -89,12 +87,7 @@ def run_one(method: str, seed: int, seconds: float, search: Search) -> dict:
             best = t.value
             curve.append((now, best))
 
-    timer.start()
-    try:
-        slots = Slots(study, 10**6, None)
-        run_worker(study, search, slots, stop, url=None, on_tell=record, sampler=sampler)
-    finally:
-        timer.cancel()
+    study = timed_search(search, sampler, pruner, seconds, record)
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if outcome(t) != "interrupted"]
     rejected = [outcome(t) == "rejected" for t in done]
@@ -114,6 +107,27 @@ def run_one(method: str, seed: int, seconds: float, search: Search) -> dict:
         "rejected_fraction_first_20": statistics.mean(rejected[:20]) if rejected else None,
         "rejected_fraction_last_50": statistics.mean(rejected[-50:]) if rejected else None,
     }
+
+
+def timed_search(
+    search: Search,
+    sampler: Callable[[int], optuna.samplers.BaseSampler],
+    pruner: optuna.pruners.BasePruner,
+    seconds: float,
+    on_tell: Callable[[optuna.Study, optuna.trial.FrozenTrial], None],
+) -> optuna.Study:
+    """The search loop of one worker for `seconds` of wall clock (a trial still training
+    then is interrupted), with no trial count; its in-memory study."""
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    stop = Stop()
+    timer = threading.Timer(seconds, stop.request)
+    timer.start()
+    try:
+        slots = Slots(study, 10**6, None)
+        run_worker(study, search, slots, stop, url=None, on_tell=on_tell, sampler=sampler)
+    finally:
+        timer.cancel()
+    return study
 
 
 def method_parts(method: str) -> tuple[int, bool, str, int]:
