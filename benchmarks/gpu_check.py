@@ -2,7 +2,7 @@ r"""The CUDA path of the product, proved and measured in one command on a lent G
 
 python -m benchmarks.gpu_check [--out DIR] [--data-dir DIR] [--dry-run]
 
-A GPU machine may be lent for minutes, offline: this is what runs there. Six
+A GPU machine may be lent for minutes, offline: this is what runs there. Seven
 steps, each timed, each with a time cap (all of them fit in 8 minutes on one
 H100/H200), each guarded: a failing step is recorded with its error and the
 next one still runs. The result file is rewritten after every step, so a run cut
@@ -18,6 +18,9 @@ short still brings back what it measured.
    trial, best.json.
 5. final: `search.train` of that winner for 2 epochs: test accuracy.
 6. tests: `pytest -m gpu`.
+7. compile: the trial step under torch.compile (default, reduce-overhead: CUDA
+   graphs) against eager on resnet-tiny: compile seconds, images/s, and the trial
+   length past which compiling pays.
 
 On the GPU machine (PyTorch there, nothing else; results come back through $OUT):
 run `bash scripts/gpu-wheels` here first (wheels into .whl/, Fashion-MNIST into
@@ -97,14 +100,18 @@ class Sizes:
     search_flags: str
     subset: tuple[int, int] | None  # Fashion-MNIST train / test images; None: all
     final_epochs: int
+    compile_modes: tuple[str, ...]  # torch.compile modes timed against eager, on resnet-tiny
 
 
-# About 4 minutes expected; the budget holds the caps (450 s together) to 420 s, so that
-# with pip's install and the start the run ends inside 8 minutes.
+# About 5 minutes expected; the budget holds the caps (550 s together) to 450 s, so that
+# with pip's install and the start the run ends inside 8 minutes. Compile is last and gets
+# what is left of the budget.
 GPU = Sizes(
     device="cuda",
-    budget_s=420,
-    caps=dict(environment=20, throughput=90, workers=120, search=110, final=50, tests=60),
+    budget_s=450,
+    caps=dict(
+        environment=20, throughput=90, workers=120, search=110, final=50, tests=60, compile=100
+    ),
     images=50_000,
     classic_images=20_000,
     batch_size=512,
@@ -117,12 +124,15 @@ GPU = Sizes(
     search_flags="--quick --device cuda",  # no GPU profile: the quick one
     subset=None,
     final_epochs=2,
+    compile_modes=("eager", "default", "reduce-overhead"),
 )
 DRY_RUN = Sizes(
     device="cpu",
     # 46 s on a quiet 2-core VM (2026-11-30); the caps are loose, for a loaded one.
     budget_s=480,
-    caps=dict(environment=60, throughput=90, workers=120, search=90, final=60, tests=120),
+    caps=dict(
+        environment=60, throughput=90, workers=120, search=90, final=60, tests=120, compile=150
+    ),
     images=64,
     classic_images=64,
     batch_size=32,
@@ -135,6 +145,7 @@ DRY_RUN = Sizes(
     "--device cpu",
     subset=(600, 200),
     final_epochs=1,
+    compile_modes=("eager", "default"),
 )
 
 
@@ -619,6 +630,22 @@ def tests(ctx: Context, fig: dict[str, Any]) -> str:
     return str(fig["summary"])
 
 
+def compiled(ctx: Context, fig: dict[str, Any]) -> str:
+    """torch.compile of the trial step, against eager: does its compile time pay within a
+    trial? Last, since a compiler that hangs must not cost the other steps."""
+    from benchmarks.throughput import measure_compiled
+
+    s = ctx.sizes
+    measure_compiled("resnet-tiny", torch.device(s.device), s.images, s.batch_size,
+                     s.compile_modes, fig)  # fmt: skip
+    return "; ".join(
+        f"{m} {fig[m]['images_per_s']:,} images/s (first step {fig[m]['first_step_s']:.1f} s"
+        + (f", pays after {fig[m]['pays_after_images']:,} images" if fig[m].get("pays_after_images") else "")
+        + ")"
+        for m in s.compile_modes
+    )
+
+
 STEPS: tuple[tuple[str, StepFn, bool], ...] = (
     ("environment", environment, False),  # (name, function, runs commands)
     ("throughput", throughput, False),
@@ -626,6 +653,7 @@ STEPS: tuple[tuple[str, StepFn, bool], ...] = (
     ("search", search, True),
     ("final", final, True),
     ("tests", tests, True),
+    ("compile", compiled, False),
 )
 
 

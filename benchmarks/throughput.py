@@ -146,6 +146,66 @@ def measure(
     return result
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_compiled(
+    name: str,
+    device: torch.device,
+    images: int,
+    batch_size: int,
+    modes: tuple[str, ...] = ("eager", "default", "reduce-overhead"),
+    into: dict | None = None,
+) -> dict:
+    """This trainer's step with its model under `torch.compile(mode)` (eager: as it runs
+    today): seconds to the end of the first step (compilation), images/s over `images`
+    after 3 more warm-up steps, and the trial length in images past which compiling pays
+    (its extra first-step seconds over the seconds it saves per image). The weight
+    average and evaluation stay eager: a measurement, not a product mode."""
+    from search.trainer import _Run
+
+    result = {} if into is None else into
+    spec = preset(name)
+    cfg = TrainConfig(images=images, batch_size=batch_size, lr=0.05, label_smoothing=0.1, ema=0)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (images, 3, 32, 32), dtype=np.uint8))
+    split = Split(x, torch.from_numpy(rng.integers(0, 10, images)), MEAN, STD)
+    result.update(preset=name, params=count_params(spec), images=images, batch_size=batch_size)
+    for mode in modes:
+        torch._dynamo.reset()
+        run = _Run(spec, cfg, split, device)
+        if mode != "eager":
+            run.model = torch.compile(run.model, mode=mode)  # the optimizer's parameters
+        t0 = time.perf_counter()
+        run.step()
+        sync(device)
+        first = time.perf_counter() - t0
+        for _ in range(3):
+            run.step()
+        sync(device)
+        steps = max(1, images // batch_size)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            run.step()
+        sync(device)
+        rate = steps * batch_size / (time.perf_counter() - t0)
+        result[mode] = {"first_step_s": round(first, 3), "images_per_s": round(rate)}
+        print(f"  {mode:>16}: first step {first:6.2f} s, then {rate:10,.0f} images/s", flush=True)
+        del run
+    eager = result.get("eager")
+    for mode in modes:
+        r = result[mode]
+        if eager is None or mode == "eager":
+            continue
+        saved = 1 / eager["images_per_s"] - 1 / r["images_per_s"]  # seconds per image
+        extra = r["first_step_s"] - eager["first_step_s"]
+        r["speedup"] = round(r["images_per_s"] / eager["images_per_s"], 2)
+        r["pays_after_images"] = round(extra / saved) if saved > 0 else None
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto")
