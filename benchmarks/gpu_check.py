@@ -640,7 +640,11 @@ def compiled(ctx: Context, fig: dict[str, Any]) -> str:
                      s.compile_modes, fig)  # fmt: skip
     return "; ".join(
         f"{m} {fig[m]['images_per_s']:,} images/s (first step {fig[m]['first_step_s']:.1f} s"
-        + (f", pays after {fig[m]['pays_after_images']:,} images" if fig[m].get("pays_after_images") else "")
+        + (
+            f", pays after {fig[m]['pays_after_images']:,} images"
+            if fig[m].get("pays_after_images")
+            else ""
+        )
         + ")"
         for m in s.compile_modes
     )
