@@ -12,15 +12,16 @@ short still brings back what it measured.
 2. throughput: this trainer against the classic DataLoader loop
    (benchmarks/throughput.py) on resnet18-2111 (4.98M) and resnet-tiny at
    3x32x32; goals: >= 100,000 images/s on resnet-tiny, >= 8x the classic loop.
-3. workers: `search.run --dataset synthetic --workers-per-gpu K` for 1 and 4 workers
+3. workers: `search.run --dataset synthetic --workers-per-gpu K` for 1, 4 and 8 workers
    on the one GPU: summed training images/s, and nvidia-smi's utilisation.
 4. search: a 30-trial `search.run --quick` on Fashion-MNIST: wall clock, best
    trial, best.json.
 5. final: `search.train` of that winner for 2 epochs: test accuracy.
 6. tests: `pytest -m gpu`.
-7. compile: the trial step under torch.compile (default, reduce-overhead: CUDA
-   graphs) against eager on resnet-tiny: compile seconds, images/s, and the trial
-   length past which compiling pays.
+7. compile: the trial step eager, with the trainer's CUDA graphs of the model
+   (its default on CUDA), and under torch.compile (default; reduce-overhead, which
+   adds CUDA graphs) on resnet-tiny: seconds to the first step, images/s, and the
+   trial length past which each pays against eager.
 
 On the GPU machine (PyTorch there, nothing else; results come back through $OUT):
 run `bash scripts/gpu-wheels` here first (wheels into .whl/, Fashion-MNIST into
@@ -110,21 +111,21 @@ GPU = Sizes(
     device="cuda",
     budget_s=450,
     caps=dict(
-        environment=20, throughput=90, workers=120, search=110, final=50, tests=60, compile=100
+        environment=20, throughput=90, workers=150, search=110, final=50, tests=60, compile=100
     ),
     images=50_000,
     classic_images=20_000,
     batch_size=512,
-    worker_counts=(1, 4),
+    worker_counts=(1, 4, 8),
     worker_trials=12,
     # Small candidates (the quick profile's MAC cap), every trial to its end (no pruner), so
-    # each trained trial records its speed; --timeout ends a run at about 45 s, the cap at 60.
-    worker_flags="--trial-images 100k --max-macs 20M --pruner none --timeout 35 --device cuda",
+    # each trained trial records its speed; --timeout ends a run at about 35 s, the cap at 50.
+    worker_flags="--trial-images 100k --max-macs 20M --pruner none --timeout 30 --device cuda",
     search_trials=30,
     search_flags="--quick --device cuda",  # no GPU profile: the quick one
     subset=None,
     final_epochs=2,
-    compile_modes=("eager", "default", "reduce-overhead"),
+    compile_modes=("eager", "graphs", "default", "reduce-overhead"),
 )
 DRY_RUN = Sizes(
     device="cpu",

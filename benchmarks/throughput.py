@@ -133,8 +133,12 @@ def measure(
     split = Split(xt, torch.from_numpy(y), MEAN, STD)
     res = train(spec, cfg, split, device=device, rungs=(0.5, 1.0))
     ours = res.history[-1].images_per_s
-    result["trainer_images_per_s"] = ours
+    result.update(trainer_images_per_s=ours, graphed=res.graphed, graph_error=res.graph_error)
     print(f"  this trainer:            {ours:10,.0f} images/s", flush=True)
+    if device.type == "cuda":  # the trainer before CUDA graphs, for the record
+        eager = train(spec, cfg, split, device=device, rungs=(0.5, 1.0), graphs=False)
+        result["trainer_eager_images_per_s"] = eager.history[-1].images_per_s
+        print(f"  this trainer, eager:     {result['trainer_eager_images_per_s']:10,.0f} images/s")
     xc, yc = x[:n_classic], y[:n_classic]
     classic = classic_loop(spec, cfg, xc, yc, device, workers, fast_compute=False)
     result.update(classic_images_per_s=classic, ratio=ours / classic)
@@ -156,14 +160,16 @@ def measure_compiled(
     device: torch.device,
     images: int,
     batch_size: int,
-    modes: tuple[str, ...] = ("eager", "default", "reduce-overhead"),
+    modes: tuple[str, ...] = ("eager", "graphs", "default", "reduce-overhead"),
     into: dict | None = None,
 ) -> dict:
-    """This trainer's step with its model under `torch.compile(mode)` (eager: as it runs
-    today): seconds to the end of the first step (compilation), images/s over `images`
-    after 3 more warm-up steps, and the trial length in images past which compiling pays
-    (its extra first-step seconds over the seconds it saves per image). The weight
-    average and evaluation stay eager: a measurement, not a product mode."""
+    """This trainer's step as it runs by default on CUDA (graphs: the model's forward and
+    backward captured by `graph_model`), eager, and with its model under
+    `torch.compile(mode)`: seconds from the start of the run to the end of its first step
+    (capture, compilation), images/s over `images` after 3 more warm-up steps, and the
+    trial length in images past which the mode pays against eager (its extra seconds
+    over the seconds it saves per image). The weight average and evaluation stay out:
+    a measurement of the step; torch.compile is not a product mode."""
     from search.trainer import _Run
 
     result = {} if into is None else into
@@ -175,10 +181,11 @@ def measure_compiled(
     result.update(preset=name, params=count_params(spec), images=images, batch_size=batch_size)
     for mode in modes:
         torch._dynamo.reset()
-        run = _Run(spec, cfg, split, device)
-        if mode != "eager":
-            run.model = torch.compile(run.model, mode=mode)  # the optimizer's parameters
+        sync(device)
         t0 = time.perf_counter()
+        run = _Run(spec, cfg, split, device, graphs=mode == "graphs")
+        if mode not in ("eager", "graphs"):
+            run.model = torch.compile(run.model, mode=mode)  # the optimizer's parameters
         run.step()
         sync(device)
         first = time.perf_counter() - t0
@@ -192,6 +199,8 @@ def measure_compiled(
         sync(device)
         rate = steps * batch_size / (time.perf_counter() - t0)
         result[mode] = {"first_step_s": round(first, 3), "images_per_s": round(rate)}
+        if mode == "graphs" and run.graph_error:
+            result[mode]["graph_error"] = run.graph_error
         print(f"  {mode:>16}: first step {first:6.2f} s, then {rate:10,.0f} images/s", flush=True)
         del run
     eager = result.get("eager")

@@ -127,6 +127,8 @@ class TrainResult:
     images_per_s: float = 0.0  # training images per second of training steps
     device: str = "cpu"
     val_pred: torch.Tensor | None = None  # predictions of the last validation pass
+    graphed: bool = False  # the model's forward and backward ran as CUDA graphs
+    graph_error: str | None = None  # why capturing them failed (the run went on eager)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -186,12 +188,35 @@ class Normalize:
         return x.mul_(self.scale).sub_(self.shift)
 
 
-def autocast(device: torch.device, bf16: bool | None = None) -> torch.autocast:
+def autocast(device: torch.device, bf16: bool | None = None, cache: bool = True) -> torch.autocast:
     """bf16 autocast, by default on CUDA only (BatchNorm keeps fp32 weights and statistics
     under it); `bf16=True` runs that branch on the CPU. One object serves a whole run:
-    building it checks the device's bf16 support each time."""
+    building it checks the device's bf16 support each time. CUDA graphs need `cache` off
+    (the cast weights would be graph memory that a replay does not refresh)."""
     on = device.type == "cuda" if bf16 is None else bf16
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on, cache_enabled=cache)
+
+
+def graph_model(model: nn.Module, sample: torch.Tensor, amp: torch.autocast) -> str | None:
+    """Capture the model's training forward and backward as two CUDA graphs
+    (`torch.cuda.make_graphed_callables`): a small network's step is a few hundred
+    kernels of microseconds each, so launching them costs more than running them
+    (benchmarks/README.md#gpu-check). Eval mode still runs eager, as do the
+    augmentation, loss and the fused optimizer (a few dozen launches). Capturing runs
+    the model 4 times on `sample`; the BatchNorm statistics that moves are put back.
+    Returns None, or why capturing failed (the model is then left as it was)."""
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        with amp:
+            torch.cuda.make_graphed_callables(model, (sample,))
+        return None
+    except Exception as e:  # an op that cannot be captured: the run goes on eager
+        model.__dict__.pop("forward", None)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    finally:
+        torch.cuda.synchronize(sample.device)
+        with torch.no_grad():
+            torch._foreach_copy_(list(model.buffers()), saved)
 
 
 @torch.inference_mode()
@@ -298,6 +323,7 @@ def train(
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
     stop: threading.Event | None = None,
     bf16: bool | None = None,
+    graphs: bool | None = None,
 ) -> TrainResult:
     """Train `spec` from scratch for `cfg.images` images of `split`, evaluating at each
     rung on its evaluation images (if any).
@@ -306,17 +332,26 @@ def train(
     `on_step(step, total, loss)` follows every step; a set `stop` ends it with
     Stopped. Raises TrainingDiverged on a NaN/inf loss and OutOfMemory when
     the device cannot hold the model and batch, after freeing what it held.
-    `bf16`: autocast to bfloat16; default on CUDA only.
+    `bf16`: autocast to bfloat16; default on CUDA only. `graphs`: the model's forward
+    and backward as CUDA graphs (`graph_model`); default on CUDA, impossible elsewhere.
     """
     device = torch.device(device)
+    if graphs and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+    run = None
     try:
-        return _Run(spec, cfg, split, device, bf16).train(rungs, on_eval, on_step, stop)
+        run = _Run(spec, cfg, split, device, bf16, graphs)
+        return run.train(rungs, on_eval, on_step, stop)
     except torch.OutOfMemoryError as e:
         message = str(e).splitlines()[0] if str(e) else "out of memory"
     except RuntimeError as e:
         if not is_out_of_memory(e):
             raise
         message = str(e).splitlines()[0]
+    finally:  # the model as built: eager forward, no graph memory held, picklable
+        if run is not None:
+            run.model.__dict__.pop("forward", None)
+            run = None
     # Outside the except block: the traceback, and the model its frames held, are gone.
     gc.collect()
     if device.type == "cuda":
@@ -362,10 +397,12 @@ class _Run:
         split: Split,
         device: torch.device,
         bf16: bool | None = None,
+        graphs: bool | None = None,
     ) -> None:
         self.start = time.perf_counter()
         self.cfg, self.device = cfg, device
-        self.amp = autocast(device, bf16)
+        self.graphs = device.type == "cuda" if graphs is None else graphs
+        self.amp = autocast(device, bf16, cache=not self.graphs)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.model = initial_model(spec, cfg, device)
@@ -383,6 +420,18 @@ class _Run:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.ema = WeightAverage(self.model, cfg.ema * self.total) if cfg.ema else None
         self.order, self.pos = torch.empty(0, dtype=torch.long), 0
+        self.graph_error = None
+        if self.graphs:  # after the weight average's copy: that one stays a plain module
+            self.graph_error = graph_model(self.model, self.sample(), self.amp)
+            self.graphs = self.graph_error is None
+
+    def sample(self) -> torch.Tensor:
+        """A normalised batch of the training shape and memory format, of noise drawn
+        from its own generator (the run's stays where it was)."""
+        g = torch.Generator(device=self.device).manual_seed(0)
+        shape = (self.bs, *self.x.shape[1:])
+        noise = torch.randint(0, 256, shape, generator=g, device=self.device, dtype=torch.uint8)
+        return self.norm(noise)
 
     def batch_indices(self) -> torch.Tensor:
         """Passes over the split in a fresh seeded order; each pass drops its ragged tail
@@ -444,6 +493,7 @@ class _Run:
                 result.val_pred = self.last_pred
             if on_eval is not None:
                 on_eval(result.history[-1])
+        result.graphed, result.graph_error = self.graphs, self.graph_error
         result.model = self.ema.model if self.ema is not None else self.model
         result.images_per_s = self.total * self.bs / max(result.train_seconds, 1e-9)
         result.total_seconds = time.perf_counter() - self.start

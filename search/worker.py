@@ -474,6 +474,8 @@ def train_trial(
         "seconds": round(result.total_seconds, 3),
         "images_per_s": round(result.images_per_s, 1),
     }
+    if result.graph_error:  # it trained eager: slower, and why
+        attrs["graph_error"] = result.graph_error
     return TrialState.COMPLETE, last.val_acc, attrs
 
 

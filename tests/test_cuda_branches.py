@@ -4,7 +4,7 @@ A GPU may be lent for minutes at a time: those minutes must measure the CUDA
 path, not debug it. bf16 autocast, the fused optimizers, channels_last, the
 fixed-shape evaluation and the one-gather augmentation all run here, on the
 CPU, in the default test run. What only a GPU can run (cudnn.benchmark, CUDA's
-own out-of-memory error, the device synchronisation at each rung) carries the
+own out-of-memory error, the device synchronisation at each rung, CUDA graphs) carries the
 `gpu` marker; the out-of-memory-as-constraint path runs here through an
 injected allocation failure (tests/test_faults.py).
 """
@@ -64,7 +64,7 @@ def test_one_autocast_context_serves_the_whole_run(monkeypatch) -> None:
     """Building a torch.autocast checks the device's bf16 support (a CUDA query): once
     per run, not once per step and per evaluation."""
     made, real = [], trainer.autocast
-    monkeypatch.setattr(trainer, "autocast", lambda *a: made.append(a) or real(*a))
+    monkeypatch.setattr(trainer, "autocast", lambda *a, **k: made.append(a) or real(*a, **k))
     d = synthetic(n_train=256, n_test=64)
     train(TINY, TrainConfig(images=512, batch_size=64), d.train_test, rungs=(0.5, 1.0))
     assert len(made) == 1
@@ -182,3 +182,36 @@ def test_workers_per_gpu_without_a_gpu_is_a_clear_error(capsys) -> None:
         run.parse_args(["--quick", "--workers-per-gpu", "2", "--device", "cpu"])
     assert e.value.code == 2
     assert "needs a GPU and this machine has none; use --workers" in capsys.readouterr().err
+
+
+def test_cuda_graphs_off_a_gpu_are_off_by_default_and_a_clear_error_when_asked() -> None:
+    d = synthetic(n_train=256, n_test=64)
+    res = train(TINY, TrainConfig(images=256, batch_size=64), d.train_test)
+    assert res.graphed is False and res.graph_error is None
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        train(TINY, TrainConfig(images=256, batch_size=64), d.train_test, graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CUDA graphs")
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_cuda_graphs_learn_as_eager_does_and_leave_a_plain_model(dropout) -> None:
+    """The graphed forward and backward (the CUDA default) against eager, same seed: both
+    learn, to accuracies a few points apart; the model handed back runs eager, with
+    sane BatchNorm statistics (capturing ran it on noise, and they were put back)."""
+    import dataclasses
+
+    spec = dataclasses.replace(TINY, dropout=dropout)
+    d = synthetic(n_train=2048, n_test=512)
+    cfg = TrainConfig(images=8192, batch_size=128, lr=0.05, ema=0)
+    graphed = train(spec, cfg, d.train_test, device="cuda")
+    eager = train(spec, cfg, d.train_test, device="cuda", graphs=False)
+    assert graphed.graphed and graphed.graph_error is None and not eager.graphed
+    assert "forward" not in graphed.model.__dict__
+    assert graphed.history[-1].val_acc > 0.8
+    assert abs(graphed.history[-1].val_acc - eager.history[-1].val_acc) <= 0.05
+    for a, b in zip(graphed.model.buffers(), eager.model.buffers(), strict=True):
+        if a.is_floating_point():
+            assert torch.allclose(a, b, rtol=0.2, atol=0.05)
+        else:  # num_batches_tracked: one per training step, replays included
+            assert torch.equal(a, b) and int(a) == 8192 // 128
