@@ -743,7 +743,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--dry-run", action="store_true", help="the same steps on the CPU at tiny sizes"
     )
-    return ap.parse_args(argv)
+    ap.add_argument(
+        "--only",
+        metavar="STEP,...",
+        help="run these steps (and environment) only, into gpu_check-only-...json: a rerun "
+        f"of what failed; steps: {', '.join(n for n, _, _ in STEPS)}",
+    )
+    args = ap.parse_args(argv)
+    if args.only:
+        args.only = {"environment", *args.only.split(",")}
+        unknown = args.only - {n for n, _, _ in STEPS}
+        if unknown:
+            ap.error(f"--only: no step {', '.join(sorted(unknown))}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -758,6 +770,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sizes = DRY_RUN if args.dry_run else GPU
     name = "gpu_check-dryrun" if args.dry_run else "gpu_check"
+    steps = [st for st in STEPS if not args.only or st[0] in args.only]
+    if args.only:
+        name += "-only-" + "-".join(n for n, _, _ in steps[1:])
     mode = "dry run on the CPU" if args.dry_run else "on the GPU"
     path = args.out / result_path(name, sizes.device).name
     record: dict[str, Any] = {
@@ -774,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as work:
         ctx = Context(sizes, Path(work), args.data_dir.resolve())
         try:
-            for i, (step, fn, commands) in enumerate(STEPS, 1):
+            for i, (step, fn, commands) in enumerate(steps, 1):
                 left = sizes.budget_s - (time.monotonic() - start)
                 record["steps"][step] = run_step(i, step, fn, commands, ctx, left)
                 if "machine" in record["steps"][step]:

@@ -211,7 +211,8 @@ def test_cuda_graphs_learn_as_eager_does_and_leave_a_plain_model(dropout) -> Non
     assert graphed.history[-1].val_acc > 0.8
     assert abs(graphed.history[-1].val_acc - eager.history[-1].val_acc) <= 0.05
     for a, b in zip(graphed.model.buffers(), eager.model.buffers(), strict=True):
-        if a.is_floating_point():
-            assert torch.allclose(a, b, rtol=0.2, atol=0.05)
-        else:  # num_batches_tracked: one per training step, replays included
+        if not a.is_floating_point():  # num_batches_tracked: one per step, replays included
             assert torch.equal(a, b) and int(a) == 8192 // 128
+        elif dropout == 0:  # with dropout the two runs draw other masks and drift apart
+            assert torch.allclose(a, b, rtol=0.2, atol=0.05)
+        assert torch.isfinite(a).all()
