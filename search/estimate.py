@@ -1,4 +1,4 @@
-"""What a trial will cost on this machine, said before the first one starts.
+"""What a trial, or a final training, will cost on this machine, said before it starts.
 
 The candidates the space proposes first (a seeded random sample that fits the
 limits) give the spread of MACs; two of them, timed for a few steps, give this
@@ -11,7 +11,7 @@ import optuna
 
 from models import ArchSpec
 from search import space
-from search.data import Split
+from search.data import Dataset, Split
 from search.trainer import TrainConfig, train
 from search.worker import Search
 
@@ -58,3 +58,15 @@ def _macs_per_second(spec: ArchSpec, cfg: TrainConfig, search: Search) -> float:
     timed = TrainConfig(images=n, batch_size=bs, seed=0)
     result = train(spec, timed, split, device=search.device)
     return search.limits.measure(spec)["macs"] * result.images_per_s
+
+
+def final_images_per_s(spec: ArchSpec, cfg: TrainConfig, data: Dataset, device: object) -> float:
+    """Training images/s of `spec` with its settings on this device: 6 timed steps after
+    2 of warm-up, on the first images of the training set (a second or two)."""
+    bs = min(cfg.batch_size, len(data.train_y))
+    n = min(len(data.train_y), 6 * bs)
+    split = Split(data.train_x[:n], data.train_y[:n], data.mean, data.std)
+    warm = TrainConfig.from_dict(cfg.to_dict() | {"images": 2 * bs, "batch_size": bs})
+    train(spec, warm, split, device=device)
+    timed = TrainConfig.from_dict(cfg.to_dict() | {"images": n, "batch_size": bs})
+    return train(spec, timed, split, device=device).images_per_s

@@ -122,6 +122,7 @@ def export_trial(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         "seed": attrs.get("seed"),
         "search_seed": settings.get("seed"),
         "sampler_seed": attrs.get("sampler_seed"),
+        "horizon": study.user_attrs.get("horizon"),  # the final training it was chosen for
         "space_version": settings.get("space_version"),
         "train_seconds": attrs.get("train_seconds"),
         "device": attrs.get("device"),

@@ -35,9 +35,10 @@ from search.cli import (
 from search.data import DataError, load_dataset, search_split
 from search.env import device_name
 from search.estimate import estimate_trial_seconds
+from search.horizon import FINAL_EPOCHS, Horizon, cost, study_horizon
 from search.limits import Limits
 from search.profile import DEFAULT, QUICK
-from search.records import counts, rejections, summary_table, write_best
+from search.records import counts, ranked, rejections, summary_table, write_best
 from search.signals import Stop
 from search.slots import Slots
 from search.study import (
@@ -63,6 +64,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add = ap.add_argument
     add("--trials", type=int, default=100, help="trained candidates to reach in the study")
     add("--budget", type=parse_count, default=5_000_000, help="parameters: 5M, 5e6, 500k")
+    add(
+        "--horizon",
+        type=int,
+        metavar="EPOCHS",
+        help=f"the final training the choice is for, in epochs of the whole training set "
+        f"(default: the study's, else {FINAL_EPOCHS}, search.train's default)",
+    )
     add("--max-macs", type=parse_count, help="also reject candidates over this many MACs/image")
     add("--max-bytes", type=parse_bytes, help="also reject weights over this size: 10MB, 4MiB")
     add(
@@ -121,6 +129,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--create-only", action="store_true", help="create the study and exit; workers join")
     add("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.horizon is not None and args.horizon < 1:
+        ap.error(f"--horizon must be at least 1 epoch, got {args.horizon}")
     for name in ("trials", "workers", "heartbeat"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -152,8 +162,9 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> tuple[optuna.Study, Se
         val_images=args.val_images,
         max_macs=args.max_macs,
     )
+    full = load_dataset(args.dataset, args.data_dir)
     data = search_split(
-        load_dataset(args.dataset, args.data_dir),
+        full,
         args.seed,
         profile.train_images,
         profile.val_images,
@@ -188,6 +199,8 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> tuple[optuna.Study, Se
         here, limits, profile, args.seed, device, args.artifact_dir, ahead=device.type == "cuda"
     )
     record_or_check(study, search.settings(args.pruner), args.storage)
+    if not args.worker:
+        study_horizon(study, args.horizon, len(full.train_y))
     if "command" not in study.user_attrs:
         study.set_user_attr("command", command_line(argv))
     return study, search
@@ -248,7 +261,10 @@ def announce(args: argparse.Namespace, study: optuna.Study, search: Search) -> N
     # and under the EXCLUSIVE_PROCESS compute mode a GPU that worker 0 cannot get).
     on = device_name(search.device) if trains(args) or search.device.type == "cpu" else "CUDA"
     print(f"{search.limits.describe()}; trials on {on}")
-    print(search.profile.describe(len(d.train_y)), flush=True)
+    print(search.profile.describe(len(d.train_y)))
+    if "horizon" in study.user_attrs:
+        horizon = Horizon.from_dict(study.user_attrs["horizon"])
+        print(horizon.describe(search.profile.images), flush=True)
     if search.device.type != "cpu" or args.create_only:
         return
     if not args.no_estimate:
@@ -352,9 +368,16 @@ def finish(
     )
     if path:
         data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
+        h = Horizon.from_dict(study.user_attrs["horizon"])
+        command = [tool("python"), "-m", "search.train", str(path), *data_dir]
         print(
-            f"next: {shlex.join([tool('python'), '-m', 'search.train', str(path), *data_dir])} "
-            "--seeds 3   # final training: test accuracy, mean +- sd"
+            f"next: {shlex.join(command)} --epochs {h.epochs} --seeds 3   # final training at "
+            "the horizon: test accuracy, mean +- sd"
+        )
+        speed = ranked(trials)[0].user_attrs.get("images_per_s")
+        print(
+            f"      {cost(3, h.epochs, h.train_images, speed)}"
+            + (" (the winner's trial speed here)" if speed else "")
         )
     if why == "gave up":
         print(

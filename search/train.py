@@ -25,7 +25,9 @@ from models import ArchSpec, count_params, load_arch
 from models.presets import PRESETS, preset
 from search.cli import STORAGE_ENV, Parser, load_existing
 from search.data import DataError, load_dataset, search_split
+from search.estimate import final_images_per_s
 from search.final import check_input, rank_by_validation, save_checkpoint, summarize, train_final
+from search.horizon import FINAL_EPOCHS, cost
 from search.records import ranked, trial_arch, trial_training, write_json
 from search.study import StudyError
 from search.trainer import (
@@ -58,7 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--top", type=int, help="with --study-name: choose among the best K")
     ap.add_argument("--dataset", help="default: the export's dataset, else cifar10")
     ap.add_argument("--data-dir", help="where datasets live (default $NAS_DATA_DIR or ./data)")
-    ap.add_argument("--epochs", type=int, default=30, help="default 30")
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        help=f"default: the search's horizon (its export's or study's), else {FINAL_EPOCHS}",
+    )
     ap.add_argument("--seeds", type=int, default=1, help="runs with seeds SEED, SEED+1, ...")
     ap.add_argument("--seed", type=int, help="the first run's seed (default: the export's, or 0)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -113,11 +119,13 @@ def from_study(args: argparse.Namespace) -> tuple[dict[str, tuple[ArchSpec, Trai
     }
     if "settings" not in study.user_attrs:
         raise StudyError(f"study {args.study_name!r} was not made by search.run (no settings)")
-    return cands, study.user_attrs["settings"]
+    horizon = study.user_attrs.get("horizon") or {}
+    return cands, study.user_attrs["settings"] | {"horizon_epochs": horizon.get("epochs")}
 
 
 def resolve(args: argparse.Namespace) -> tuple[ArchSpec | str, TrainConfig, str]:
-    """Architecture (or preset name), settings and dataset from the file and the flags."""
+    """Architecture (or preset name), settings and dataset from the file and the flags;
+    `args.epochs`, when not given, from the export's horizon."""
     saved: dict[str, Any] = {}
     if args.arch in PRESETS and not Path(args.arch).exists():
         arch: ArchSpec | str = args.arch
@@ -128,6 +136,8 @@ def resolve(args: argparse.Namespace) -> tuple[ArchSpec | str, TrainConfig, str]
         data = json.loads(Path(args.arch).read_text())
         saved = data if isinstance(data, dict) and "architecture" in data else {}
     cfg = with_flags(saved.get("training", {}), args)
+    if args.epochs is None:
+        args.epochs = (saved.get("horizon") or {}).get("epochs") or FINAL_EPOCHS
     return arch, cfg, args.dataset or saved.get("dataset") or "cifar10"
 
 
@@ -196,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         if args.study_name:
             cands, settings = from_study(args)
+            args.epochs = args.epochs or settings["horizon_epochs"] or FINAL_EPOCHS
             dataset = args.dataset or settings["dataset"]
             data = load_dataset(dataset, args.data_dir)
         else:
@@ -239,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size}, seeds {seeds}, device {device}",
         flush=True,
     )
+    speed = final_images_per_s(spec, cfg, data, device)
+    print(f"final training: {cost(len(seeds), args.epochs, len(data.train_y), speed)} "
+          "(timed here)", flush=True)  # fmt: skip
     bar, runs = Bar(args.epochs, enabled=not args.no_progress), []
     try:
         for seed in seeds:

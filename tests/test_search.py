@@ -20,7 +20,7 @@ from models.complexity import count_activation_bytes, count_bytes
 from models.presets import PRESETS, preset
 from search import cli, export, replay, run, space
 from search import train as train_cli
-from search.data import search_split, synthetic
+from search.data import load_dataset, search_split, synthetic
 from search.limits import Limits, over
 from search.profile import Profile
 from search.records import counts, trial_arch
@@ -79,6 +79,36 @@ def test_short_search_completes_and_exports(finished) -> None:
     assert best["search_seed"] == 1 and isinstance(best["sampler_seed"], int)
     assert best["validation"]["accuracy"] == study.best_value
     assert {"training", "macs", "bytes", "seed", "versions", "trial"} <= set(best)
+    # The horizon: the final training the choice is for, said at the start and the end,
+    # recorded in the export, and what the printed next command trains for.
+    n = len(load_dataset("synthetic").train_y)
+    assert best["horizon"] == {"epochs": 30, "train_images": n, "images": 30 * n}
+    assert f"horizon: a final training of 30 epochs of the {n:,} training images" in out
+    next_line = out[out.index("next: ") :]
+    assert "--epochs 30 --seeds 3" in next_line.splitlines()[0]
+    assert f"3 run(s) of 30 epochs x {n:,} images" in next_line and "images/s" in next_line
+
+
+def test_the_horizon_is_the_study_s_until_given_and_search_train_s_default(
+    finished, tmp_path, capsys
+) -> None:
+    args = [*FAST, "--study-name", "h", "--storage", storage(tmp_path), "--trials", "1"]
+    assert run.main([*args, "--horizon", "2"]) == 0
+    study = open_study(storage(tmp_path), "h", create=False)
+    assert study.user_attrs["horizon"]["epochs"] == 2
+    assert run.main(args) == 0  # a resume without --horizon keeps the study's
+    assert "horizon: a final training of 2 epochs" in capsys.readouterr().out
+    # search.train trains an export for its horizon by default, and says the cost first.
+    best = json.loads((finished.cwd / "studies" / finished.name / "best.json").read_text())
+    best["horizon"] = best["horizon"] | {"epochs": 1}
+    (tmp_path / "best.json").write_text(json.dumps(best))
+    argv = [str(tmp_path / "best.json"), "--no-progress", "-o", str(tmp_path / "final")]
+    assert train_cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert json.loads((tmp_path / "final" / "result.json").read_text())["epochs"] == 1
+    n = len(load_dataset("synthetic").train_y)
+    cost = f"final training: 1 run(s) of 1 epochs x {n:,} images ({n:,} images a run), about"
+    assert cost in out and out.index(cost) < out.index("epoch   1/1")
 
 
 def test_resume_continues_and_refuses_other_settings(in_tmp, capsys) -> None:
@@ -312,7 +342,7 @@ OOM_SCRIPT = """
 import resource, json, optuna, torch
 from models.presets import preset
 from search import space
-from search.data import search_split, synthetic
+from search.data import load_dataset, search_split, synthetic
 from search.limits import Limits, over
 from search.profile import Profile
 from search.signals import Stop

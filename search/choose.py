@@ -1,0 +1,196 @@
+"""python -m search.choose: the network to ship, chosen for the study's horizon.
+
+A trial ranks candidates after a short training (the quick profile: 24,000 images);
+the network shipped is trained for the horizon (search/horizon.py: 30 epochs of
+the whole training set by default, 75 times longer). Short training favours small
+networks that learn fast, and settings without augmentation. So the choice is
+made again, longer: successive halving over the study's accuracy/size front and its
+best few trials, each with two training settings (the trial's, and the hand
+defaults of `TrainConfig`), on the search's own split (the test split stays out).
+Each rung trains the survivors ETA times longer and keeps the best 1/ETA; the last
+rung trains for 1/ETA of the horizon. Every run is recorded on the study as it
+ends, so a stopped choice resumes where it was. The chosen network and settings
+become studies/<study>/best.json, what `search.train` then trains.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from optuna.trial import FrozenTrial
+
+from models import ArchSpec, count_params
+from search.cli import Parser, add_study_args, duration, load_existing
+from search.data import DataError, load_dataset, search_split
+from search.front import pareto_front
+from search.horizon import Horizon, cost
+from search.records import export_trial, ranked, trial_arch, trial_training, write_json
+from search.study import StudyError
+from search.trainer import OutOfMemory, TrainConfig, TrainingDiverged, resolve_device, train
+
+ETA = 3  # each rung trains ETA times longer and keeps 1/ETA
+TOP = 3  # the best trials by validation, besides the front: the short trial's near-ties
+SETTINGS = ("trial", "hand")  # the trial's own training settings; TrainConfig's defaults
+
+
+@dataclass(frozen=True)
+class Candidate:
+    trial: int
+    settings: str  # one of SETTINGS
+    spec: ArchSpec
+    cfg: TrainConfig
+
+    @property
+    def name(self) -> str:
+        return f"trial {self.trial} with {self.settings} settings"
+
+
+def candidates(trials: list[FrozenTrial], top: int = TOP) -> list[Candidate]:
+    """The front and the `top` best trials, each with the trial's and the hand settings."""
+    chosen = {t.number: t for t in [*pareto_front(trials), *ranked(trials)[:top]]}
+    out = []
+    for number in sorted(chosen):
+        t = chosen[number]
+        cfg = trial_training(t)
+        for settings in SETTINGS:
+            own = cfg if settings == "trial" else TrainConfig(seed=cfg.seed)
+            out.append(Candidate(number, settings, trial_arch(t), own))
+    return out
+
+
+def rung_lengths(n: int, trial_images: int, horizon_images: int, eta: int = ETA) -> list[int]:
+    """Training images of each rung for `n` candidates: the last at horizon / eta, each
+    earlier one eta times shorter, as many as halving n to one takes, none shorter than
+    two trials (a trial already measured that). Empty: the horizon is too near the
+    trial's length for a longer look to tell more than the trial did."""
+    rungs = max(1, math.ceil(math.log(max(n, 2), eta) - 1e-9))
+    lengths = [horizon_images // eta**k for k in range(rungs, 0, -1)]
+    return [n_ for n_ in lengths if n_ >= 2 * trial_images]
+
+
+def halve(
+    cands: list[Candidate],
+    lengths: list[int],
+    run: Callable[[Candidate, int], float],
+    eta: int = ETA,
+) -> tuple[Candidate, list[dict]]:
+    """Successive halving: each rung trains the candidates left for its length and keeps
+    the best 1/eta (ties: the earlier trial). The winner and every run's row."""
+    alive, rows = list(cands), []
+    for rung, length in enumerate(lengths, 1):
+        scored = [(run(c, length), c) for c in alive]
+        rows += [{"rung": rung, "images": length, "candidate": c.name, "trial": c.trial,
+                  "settings": c.settings, "validation": acc} for acc, c in scored]  # fmt: skip
+        scored.sort(key=lambda s: (-s[0], s[1].trial, SETTINGS.index(s[1].settings)))
+        alive = [c for _, c in scored[: max(1, math.ceil(len(scored) / eta))]]
+    return alive[0], rows
+
+
+def parse_args(argv: list[str] | None):
+    ap = Parser(prog="python -m search.choose", description=__doc__.split("\n")[0])
+    add_study_args(ap)
+    ap.add_argument("--data-dir", help="where datasets live (default $NAS_DATA_DIR or ./data)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--top", type=int, default=TOP, help=f"best trials besides the front ({TOP})")
+    ap.add_argument("-o", "--out", help="default studies/<study>/best.json")
+    args = ap.parse_args(argv)
+    if args.top < 1:
+        ap.error(f"--top must be at least 1, got {args.top}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        study = load_existing(args)
+        settings = study.user_attrs.get("settings")
+        if settings is None or "horizon" not in study.user_attrs:
+            raise StudyError(f"study {args.study_name!r} has no horizon: run search.run on it")
+        trials = study.get_trials(deepcopy=False)
+        cands = candidates(trials, args.top)
+        if not cands:
+            raise StudyError(f"study {args.study_name!r} has no completed trial yet")
+        p = settings["profile"]
+        split = search_split(
+            load_dataset(settings["dataset"], args.data_dir),
+            settings["seed"],
+            p["train_images"],
+            p["val_images"],
+        )
+    except (ValueError, DataError, StudyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    horizon = Horizon.from_dict(study.user_attrs["horizon"])
+    lengths = rung_lengths(len(cands), p["images"], horizon.images)
+    print(
+        f"choosing for a final training of {horizon.epochs} epochs of the "
+        f"{horizon.train_images:,} training images ({horizon.images:,} images)"
+    )
+    done: dict[str, float] = dict(study.user_attrs.get("choice_runs", {}))
+    start = time.perf_counter()
+
+    def run(c: Candidate, length: int) -> float:
+        key = f"{c.name} @ {length}"
+        if key not in done:
+            epochs = length / len(split.train_y)
+            cfg = replace(c.cfg, images=length)
+            try:
+                done[key] = train(c.spec, cfg, split.train_val, device=device).history[-1].val_acc
+            except (TrainingDiverged, OutOfMemory) as e:
+                print(f"  {c.name}: {e}; counted as 0", flush=True)
+                done[key] = 0.0
+            study.set_user_attr("choice_runs", done)  # kept as it ends: a stop resumes here
+            print(
+                f"  {length:,} images ({epochs:.1f} epochs of the search split): {c.name} "
+                f"({count_params(c.spec):,} params): validation {done[key]:.4f}",
+                flush=True,
+            )
+        return done[key]
+
+    if not lengths:
+        best = ranked(trials)[0]
+        winner = Candidate(best.number, "trial", trial_arch(best), trial_training(best))
+        rows: list[dict] = []
+        print(f"the horizon is under {2 * ETA}x a trial: the trials' own ranking stands")
+    else:
+        print(
+            f"{len(cands) // 2} networks (the front and the best {args.top}) x {len(SETTINGS)} "
+            f"settings; rungs of {', '.join(f'{n:,}' for n in lengths)} images, keeping "
+            f"1/{ETA} at each",
+            flush=True,
+        )
+        try:
+            winner, rows = halve(cands, lengths, run)
+        except KeyboardInterrupt:
+            print("\ninterrupted: the runs so far are kept; run it again to go on", file=sys.stderr)
+            return 130
+    trial = next(t for t in trials if t.number == winner.trial)
+    choice = {
+        "trial": winner.trial,
+        "settings": winner.settings,
+        "horizon": horizon.to_dict(),
+        "rungs": rows,
+        "images_trained": sum(r["images"] for r in rows),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    study.set_user_attr("choice", {k: v for k, v in choice.items() if k != "rungs"})
+    export = export_trial(study, trial) | {"training": winner.cfg.to_dict(), "choice": choice}
+    out = Path(args.out or Path("studies") / args.study_name / "best.json")
+    write_json(out, export)
+    print(
+        f"ship: {winner.name} ({count_params(winner.spec):,} params); wrote {out}\n"
+        f"next: python -m search.train {out} --epochs {horizon.epochs} --seeds 3\n"
+        f"      {cost(3, horizon.epochs, horizon.train_images, None)}; this choice trained "
+        f"{choice['images_trained']:,} images in {duration(choice['seconds'])}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

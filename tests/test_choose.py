@@ -1,0 +1,69 @@
+"""search.choose: successive halving of the front for the study's horizon."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from search import choose
+from search.choose import ETA, Candidate, candidates, halve, rung_lengths
+from search.study import open_study
+from search.trainer import TrainConfig
+
+
+def test_rungs_end_at_a_third_of_the_horizon_and_never_shorter_than_two_trials() -> None:
+    assert rung_lengths(12, 24_000, 1_800_000) == [66_666, 200_000, 600_000]
+    assert rung_lengths(3, 24_000, 1_800_000) == [600_000]
+    assert rung_lengths(12, 24_000, 400_000) == [133_333]  # 44,444 and 14,814: too short
+    assert rung_lengths(12, 450_000, 1_500_000) == []  # the GPU profile: the trial is 1/3 of it
+
+
+def test_halving_keeps_the_best_third_at_each_rung_and_trains_each_once() -> None:
+    cands = [Candidate(i, s, None, TrainConfig()) for i in range(5) for s in ("trial", "hand")]
+    score = {c.name: (c.trial % 3) + (0.5 if c.settings == "hand" else 0) for c in cands}
+    calls = []
+
+    def run(c: Candidate, length: int) -> float:
+        calls.append((c.name, length))
+        return score[c.name] + length / 1e6
+
+    winner, rows = halve(cands, [100, 300, 900], run)
+    assert [len([r for r in rows if r["rung"] == k]) for k in (1, 2, 3)] == [10, 4, 2]
+    assert len(calls) == len(set(calls)) == 16
+    assert winner.name == "trial 2 with hand settings"  # 2.5: the best
+
+
+def test_choose_writes_the_chosen_network_and_settings_and_resumes(finished, tmp_path, capsys):
+    db = tmp_path / "study.db"
+    shutil.copy(finished.cwd / "study.db", db)
+    url = f"sqlite:///{db}"
+    study = open_study(url, finished.name, create=False)
+    h = study.user_attrs["horizon"]
+    study.set_user_attr("horizon", h | {"epochs": 3, "images": 3 * h["train_images"]})
+    n = len(candidates(study.get_trials()))
+    out = tmp_path / "best.json"
+    argv = ["--study-name", finished.name, "--storage", url, "--device", "cpu", "-o", str(out)]
+    assert choose.main(argv) == 0
+    text = capsys.readouterr().out
+    best = json.loads(out.read_text())
+    choice = best["choice"]
+    length = 3 * h["train_images"] // ETA  # one rung: the horizon's third
+    assert [r["images"] for r in choice["rungs"]] == [length] * n
+    top = max(choice["rungs"], key=lambda r: r["validation"])["validation"]
+    row = next(r for r in choice["rungs"] if r["candidate"] == f"trial {best['trial']} with "
+               f"{choice['settings']} settings")  # fmt: skip
+    assert row["validation"] == top and choice["images_trained"] == n * length
+    assert best["training"]["seed"] is not None and best["horizon"]["epochs"] == 3
+    assert "ship: trial" in text and "--epochs 3 --seeds 3" in text
+    assert text.count("validation") == n
+    # Run again: every run is on the study already, nothing trains, the same choice.
+    assert choose.main(argv) == 0
+    again = capsys.readouterr().out
+    assert "validation 0." not in again and json.loads(out.read_text())["trial"] == best["trial"]
+
+
+def test_choose_on_a_missing_study_is_a_clear_error(tmp_path, capsys) -> None:
+    url = f"sqlite:///{tmp_path}/none.db"
+    assert choose.main(["--study-name", "x", "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
