@@ -10,7 +10,7 @@ import pytest
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from search import space
+from search import draft, space
 from search.data import search_split, synthetic
 from search.draft import drafting, is_draft, write, written
 from search.limits import Limits
@@ -28,13 +28,24 @@ def small_search() -> Search:
 
 
 class Writes:
-    """Counts the study storage's writes, by method."""
+    """Counts the study storage's writes, by method; a new trial written in one flush of
+    rows (`search.draft.insert`) counts as a create_new_trial."""
 
     NAMES = ("create_new_trial", "set_trial_param", "set_trial_user_attr",
              "set_trial_system_attr")  # fmt: skip
 
     def __init__(self, study: optuna.Study, monkeypatch) -> None:
         self.calls: list[tuple[str, object]] = []
+        real_insert = draft.insert
+
+        def inserted(storage, study_id, t):
+            before = self.count("create_new_trial")
+            trial_id = real_insert(storage, study_id, t)
+            if self.count("create_new_trial") == before:  # not Optuna's path, counted there
+                self.calls.append(("create_new_trial", study_id))
+            return trial_id
+
+        monkeypatch.setattr(draft, "insert", inserted)
         for name in self.NAMES:
             real = getattr(study._storage, name)
 
@@ -234,13 +245,78 @@ def test_ahead_a_timeout_starts_no_trial_after_the_deadline(tmp_path) -> None:
     trained after it; it is queued again with its slot."""
     import time
 
-    url = f"sqlite:///{tmp_path}/s.db"
-    search = slow_ahead(url, lambda s: len(running(s)) == 2)
-    study = open_study(url, "s", heartbeat=None)
+    url, timeout = f"sqlite:///{tmp_path}/s.db", 2.0
+    # The first trial trains once the next is claimed and the deadline has passed (a
+    # deadline of 0.1 s was flaky: a cold first proposal can take longer, and then no
+    # trial starts at all).
     start = time.monotonic()
-    why = run_worker(study, search, Slots(study, 5, None), Stop(), url=None, timeout=0.1)
+    search = slow_ahead(url, lambda s: len(running(s)) == 2 and time.monotonic() > start + timeout)
+    study = open_study(url, "s", heartbeat=None)
+    why = run_worker(study, search, Slots(study, 5, None), Stop(), url=None, timeout=timeout)
     assert why == "timeout"
     trials = study.get_trials()
     assert sum(map(is_trained, trials)) == 1 and not running(study)
     assert [t.user_attrs[SLOT] for t in trials if t.state == TrialState.WAITING] == [1]
     assert time.monotonic() - start < 60
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/s.db"
+    return request.getfixturevalue("pg_url")
+
+
+def test_a_trial_inserted_in_one_flush_reads_back_as_optunas_write_of_it(any_url) -> None:
+    """`insert` against Optuna's own `create_new_trial(template)`: the same trial read
+    back (state, value, every kind of parameter, attributes, constraints), numbered in
+    turn, on SQLite and PostgreSQL."""
+    import uuid
+
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    study = open_study(any_url, f"ins-{uuid.uuid4().hex[:6]}", heartbeat=None)
+    dists = {
+        "stages": IntDistribution(1, 4),
+        "lr": FloatDistribution(1e-4, 1.0, log=True),
+        "width": IntDistribution(16, 256, step=16),
+        "act": CategoricalDistribution(["relu", "silu", None]),
+        "drop": FloatDistribution(0.0, 0.5, step=0.1),
+    }
+    params = {"stages": 3, "lr": 0.0123, "width": 96, "act": None, "drop": 0.2}
+    template = FrozenTrial(
+        number=-1, state=TrialState.PRUNED, value=None, datetime_start=None,
+        datetime_complete=None, params=params, distributions=dists,
+        user_attrs={"arch": {"stages": [1, 2]}, "rejected": "over params", "macs": 12_345},
+        system_attrs={"constraints": [0.5, -0.1]}, intermediate_values={}, trial_id=-1,
+    )  # fmt: skip
+    import datetime
+
+    now = datetime.datetime.now()
+    template.datetime_start, template.datetime_complete = now, now
+    storage = study._storage
+    ids = []
+    for t in (template, _complete(template)):
+        ids.append(draft.insert(storage, study._study_id, t))
+        ids.append(storage.create_new_trial(study._study_id, template_trial=t))
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert [t._trial_id for t in trials] == ids
+    for ours, optunas in (trials[0:2], trials[2:4]):
+        for field in ("state", "values", "params", "distributions", "user_attrs",
+                      "system_attrs", "intermediate_values", "datetime_start",
+                      "datetime_complete"):  # fmt: skip
+            assert getattr(ours, field) == getattr(optunas, field), field
+    assert trials[2].value == 0.875 and trials[0].params == params
+
+
+def _complete(t: FrozenTrial) -> FrozenTrial:
+    import copy
+
+    c = copy.deepcopy(t)
+    c.state, c.value = TrialState.COMPLETE, 0.875
+    return c
