@@ -250,7 +250,9 @@ def test_ahead_a_timeout_starts_no_trial_after_the_deadline(tmp_path) -> None:
     # deadline of 0.1 s was flaky: a cold first proposal can take longer, and then no
     # trial starts at all).
     start = time.monotonic()
-    search = slow_ahead(url, lambda s: len(running(s)) == 2 and time.monotonic() > start + timeout)
+    search = slow_ahead(
+        url, lambda s: len(running(s)) == 2 and time.monotonic() > start + timeout + 0.5
+    )
     study = open_study(url, "s", heartbeat=None)
     why = run_worker(study, search, Slots(study, 5, None), Stop(), url=None, timeout=timeout)
     assert why == "timeout"
