@@ -74,7 +74,11 @@ def test_one_autocast_context_serves_the_whole_run(monkeypatch) -> None:
 def test_fused_optimizer_matches_the_unfused_one(optimizer) -> None:
     """The fused update (CUDA's default) is the same step as the unfused one."""
     cfg = TrainConfig(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3)
-    x = torch.randn(16, 3, 32, 32).to(memory_format=torch.channels_last)
+    # A seeded input: unseeded, it came from whatever the process drew before, and once in
+    # a full run a weight whose gradient was ~0 took AdamW steps that differ by more than
+    # the tolerance (g / (sqrt(v) + eps) with g, v near 0), rounding, not a fault.
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = x.to(memory_format=torch.channels_last)
     models = []
     for fused in (True, False):
         torch.manual_seed(0)
