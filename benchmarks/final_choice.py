@@ -37,6 +37,7 @@ import optuna
 import torch
 
 from benchmarks.machine import result_path, save
+from benchmarks.nas_vs_hand import HAND, training
 from models import ArchSpec, count_params
 from models.presets import preset
 from search import choose, run
@@ -47,12 +48,7 @@ from search.records import best_trial, trial_arch, trial_training
 from search.study import open_study
 from search.trainer import TrainConfig
 
-HAND = ("resnet18-2111", "resnet-3stage-2221", "resnet-tiny")
 NAME = "final_choice"
-
-
-def training(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "images")}
 
 
 def key(spec: ArchSpec, cfg: TrainConfig) -> str:

@@ -681,14 +681,16 @@ def alarm(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-def run_step(i: int, name: str, fn: StepFn, commands: bool, ctx: Context, left: float) -> dict:
+def run_step(
+    i: int, total: int, name: str, fn: StepFn, commands: bool, ctx: Context, left: float
+) -> dict:
     """One step, timed, capped and guarded: its figures, and its error if it failed."""
     ctx.cap = min(ctx.sizes.caps[name], left)
     fig: dict[str, Any] = {"cap_s": round(ctx.cap)}
-    print(f"[{i}/{len(STEPS)}] {name} (at most {ctx.cap:.0f} s)", flush=True)
+    print(f"[{i}/{total}] {name} (at most {ctx.cap:.0f} s)", flush=True)
     if ctx.cap < 5:
         fig |= {"ok": False, "seconds": 0.0, "error": "skipped: the run's time was used up"}
-        print(f"[{i}/{len(STEPS)}] {name}: skipped, no time left", flush=True)
+        print(f"[{i}/{total}] {name}: skipped, no time left", flush=True)
         return fig
     start = time.perf_counter()
     try:  # the product's commands are stopped at the cap; the alarm is the backstop
@@ -702,7 +704,7 @@ def run_step(i: int, name: str, fn: StepFn, commands: bool, ctx: Context, left: 
     fig["seconds"] = round(time.perf_counter() - start, 1)
     state = "ok" if fig["ok"] else "FAILED"
     print(
-        f"[{i}/{len(STEPS)}] {name}: {state} in {fig['seconds']:.1f} s: "
+        f"[{i}/{total}] {name}: {state} in {fig['seconds']:.1f} s: "
         f"{fig.get('headline') or fig.get('error')}",
         flush=True,
     )
@@ -791,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for i, (step, fn, commands) in enumerate(steps, 1):
                 left = sizes.budget_s - (time.monotonic() - start)
-                record["steps"][step] = run_step(i, step, fn, commands, ctx, left)
+                record["steps"][step] = run_step(i, len(steps), step, fn, commands, ctx, left)
                 if "machine" in record["steps"][step]:
                     record["machine"] = record["steps"][step].pop("machine")
                 record["seconds"] = round(time.monotonic() - start, 1)

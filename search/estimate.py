@@ -7,7 +7,10 @@ device's speed; the profile gives the images per trial.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import optuna
+import torch
 
 from models import ArchSpec
 from search import space
@@ -50,23 +53,31 @@ def estimate_trial_seconds(search: Search, samples: int = 24) -> tuple[float, fl
 
 
 def _macs_per_second(spec: ArchSpec, cfg: TrainConfig, search: Search) -> float:
-    """Training MACs per second of one candidate: a few timed steps after a warm-up."""
-    d, bs = search.data, min(cfg.batch_size, len(search.data.train_y))
-    n = min(len(d.train_y), 6 * bs)
-    split = Split(d.train_x[:n], d.train_y[:n], d.mean, d.std)
-    train(spec, TrainConfig(images=2 * bs, batch_size=bs, seed=0), split, device=search.device)
-    timed = TrainConfig(images=n, batch_size=bs, seed=0)
-    result = train(spec, timed, split, device=search.device)
-    return search.limits.measure(spec)["macs"] * result.images_per_s
+    """Training MACs per second of one candidate, at its batch size and default settings."""
+    d = search.data
+    rate = images_per_s(spec, TrainConfig(batch_size=cfg.batch_size, seed=0), d.train_x,
+                        d.train_y, d.mean, d.std, search.device)  # fmt: skip
+    return search.limits.measure(spec)["macs"] * rate
 
 
 def final_images_per_s(spec: ArchSpec, cfg: TrainConfig, data: Dataset, device: object) -> float:
-    """Training images/s of `spec` with its settings on this device: 6 timed steps after
-    2 of warm-up, on the first images of the training set (a second or two)."""
-    bs = min(cfg.batch_size, len(data.train_y))
-    n = min(len(data.train_y), 6 * bs)
-    split = Split(data.train_x[:n], data.train_y[:n], data.mean, data.std)
-    warm = TrainConfig.from_dict(cfg.to_dict() | {"images": 2 * bs, "batch_size": bs})
-    train(spec, warm, split, device=device)
-    timed = TrainConfig.from_dict(cfg.to_dict() | {"images": n, "batch_size": bs})
-    return train(spec, timed, split, device=device).images_per_s
+    """Training images/s of `spec` with its final training's settings on this device."""
+    return images_per_s(spec, cfg, data.train_x, data.train_y, data.mean, data.std, device)
+
+
+def images_per_s(
+    spec: ArchSpec,
+    cfg: TrainConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: object,
+) -> float:
+    """Training images/s of `spec` with `cfg`'s settings: 6 timed steps after 2 of
+    warm-up, on the first images (a second or two)."""
+    bs = min(cfg.batch_size, len(y))
+    n = min(len(y), 6 * bs)
+    split = Split(x[:n], y[:n], mean, std)
+    train(spec, replace(cfg, images=2 * bs, batch_size=bs), split, device=device)
+    return train(spec, replace(cfg, images=n, batch_size=bs), split, device=device).images_per_s

@@ -351,10 +351,10 @@ def train(
     finally:  # the model as built: eager forward, no graph memory held, picklable
         if run is not None:
             run.model.__dict__.pop("forward", None)
-            if run.graphs:  # the graphs and their memory pool sit in reference cycles:
-                run = None  # free them now, not at the next full collection (a worker
-                gc.collect()  # runs trial after trial; a forked child must not inherit them)
-            run = None
+            graphed, run = run.graphs, None
+            if graphed:  # the graphs and their memory pool sit in reference cycles: free
+                gc.collect()  # them now (a worker runs trial after trial; a forked child
+                # must not inherit them), not at the next full collection
     # Outside the except block: the traceback, and the model its frames held, are gone.
     gc.collect()
     if device.type == "cuda":
