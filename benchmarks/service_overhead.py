@@ -191,6 +191,8 @@ def measure(url: str, workers: int, cap: int, seconds: float) -> dict:
     ok = [r for r in reports if r["error"] is None]
     waited = sum(slept for r in ok for _, _, slept in r["waits"])
     loop = sum(r["end"] - r["begin"] for r in ok)
+    inside = sum(end - start - slept for r in ok for start, end, slept in r["waits"])
+    between = loop - waited - inside
     n = max(1, c["trained"])
     result = {
         "workers": workers,
@@ -206,6 +208,10 @@ def measure(url: str, workers: int, cap: int, seconds: float) -> dict:
         "peak_connections": peak[0],
         "overhead_seconds_per_trained_trial": round((loop - waited) / n, 4),
         "overhead_seconds_as_the_study_grows": overhead_as_it_grows(ok, MARKS),
+        # its two parts: waiting between trials (for the next candidate), and inside a
+        # trial outside its wait (the reports and the pruner)
+        "between_trials_seconds_per_trained_trial": round(between / n, 4),
+        "in_trial_seconds_per_trained_trial": round(inside / n, 4),
         "storage_seconds_per_trained_trial": round(sum(r["storage_seconds"] for r in ok) / n, 4),
         "storage_calls_per_trained_trial": round(sum(r["storage_calls"] for r in ok) / n, 1),
         "slot_wait_seconds_per_trained_trial": round(
@@ -218,7 +224,8 @@ def measure(url: str, workers: int, cap: int, seconds: float) -> dict:
         f"rejected, {c['running']} running, {c['failed']} failed), idle "
         f"{100 * (result['idle_fraction'] or 0):.1f}% of the loop, outside the wait "
         f"{result['overhead_seconds_as_the_study_grows']} s per trial at "
-        f"{', '.join(map(str, MARKS))}; storage {result['storage_calls_per_trained_trial']} "
+        f"{', '.join(map(str, MARKS))} (between trials {between / n:.4f} s, in a trial "
+        f"{inside / n:.4f} s); storage {result['storage_calls_per_trained_trial']} "
         f"calls / {result['storage_seconds_per_trained_trial']} s, slot waits "
         f"{result['slot_wait_seconds_per_trained_trial']} s per trial; lost {result['lost']}, "
         f"duplicated {result['duplicated']}, peak {peak[0]} connections, wall {wall:.0f} s",

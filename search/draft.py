@@ -9,6 +9,12 @@ stay in memory, and the draft is written once, finished when the budget gate
 rejects it, or RUNNING with its slot when it trains (`Slots.claim`). A trial the
 study had queued (a retry, a preset) is in the database already; its writes go
 there, as before.
+
+Reads are cut the same way. A draft is sampled on one read of the study (the one
+`ask` makes), not one per part of the sampler. A trial that trains reports to a
+`Training` storage: its rungs' values stay in the worker until it is told, and the
+pruner decides on the study as the worker last read it, so a trial makes no round
+trip between its start and its tell (benchmarks/README.md#service-overhead).
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ from optuna.trial import FrozenTrial, TrialState
 class DraftStorage(BaseStorage):
     """A study's storage in which a new trial is a draft: its id is negative, its writes
     stay here, the study's other trials do not see it (a sampler leaves out the trial
-    it samples for anyway)."""
+    it samples for anyway). While a draft is sampled, the study is the one read made
+    when it was asked for (`seen`)."""
 
     def __init__(self, backend: BaseStorage) -> None:
         self.backend = backend
         self.drafts: dict[int, FrozenTrial] = {}
         self._ids = itertools.count(-1, -1)
+        self.seen: list[FrozenTrial] | None = None  # the study as this worker last read it
 
     # --- the draft ---------------------------------------------------------------------
 
@@ -109,7 +117,15 @@ class DraftStorage(BaseStorage):
         deepcopy: bool = True,
         states: Container[TrialState] | None = None,
     ) -> list[FrozenTrial]:
-        return self.backend.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+        """The study, read once per draft: `ask` reads it (for a queued trial) before the
+        draft exists; the sampler's reads while it is drafted reuse that read."""
+        if not self.drafts or self.seen is None:
+            self.seen = list(self.backend.get_all_trials(study_id, deepcopy=False))
+        return _select(self.seen, deepcopy, states)
+
+    def discard(self, trial_id: int) -> None:
+        """A draft that will not be written (proposed ahead, then not trained)."""
+        self.drafts.pop(trial_id, None)
 
     # --- everything else is the study's storage -----------------------------------------
 
@@ -152,6 +168,55 @@ class DraftStorage(BaseStorage):
         self.backend.remove_session()
 
 
+class Training(DraftStorage):
+    """Where the trials a worker trains report, for a trial's rungs to cost no round trip:
+    its intermediate values are kept here until it is told (`reported`, written with its
+    records), and the pruner reads the study as the worker's proposals last read it
+    (`DraftStorage.seen`: at most one trial old for this worker's own results; other
+    workers' as of then). Everything else is the study's storage."""
+
+    def __init__(self, drafts: DraftStorage) -> None:
+        super().__init__(drafts.backend)
+        self.source = drafts
+        self.reports: dict[int, dict[int, float]] = {}
+
+    def set_trial_intermediate_value(
+        self, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        self.reports.setdefault(trial_id, {})[step] = intermediate_value
+
+    def get_all_trials(
+        self,
+        study_id: int,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[FrozenTrial]:
+        if self.source.seen is None:
+            return super().get_all_trials(study_id, deepcopy, states)
+        return _select(self.source.seen, deepcopy, states)
+
+    def reported(self, trial_id: int) -> dict[int, float]:
+        """The trial's intermediate values, to be written now (they are forgotten here)."""
+        return self.reports.pop(trial_id, {})
+
+
+def _select(
+    trials: list[FrozenTrial], deepcopy: bool, states: Container[TrialState] | None
+) -> list[FrozenTrial]:
+    if states is not None:
+        trials = [t for t in trials if t.state in states]
+    return copy.deepcopy(trials) if deepcopy else trials
+
+
+def training(drafts: optuna.Study) -> optuna.Study | None:
+    """The study the trials a worker trains report to (`Training`); None under the
+    hyperband pruner, whose brackets need no drafts (`drafting`): reports go to the study."""
+    if not isinstance(drafts._storage, DraftStorage):
+        return None
+    storage = Training(drafts._storage)
+    return optuna.Study(drafts.study_name, storage, drafts.sampler, drafts.pruner)
+
+
 def drafting(study: optuna.Study) -> optuna.Study:
     """The same study, with its sampler and pruner, in which `ask()` drafts a new trial
     (a queued one it takes from the database, as Optuna does). Under the hyperband
@@ -166,22 +231,28 @@ def is_draft(trial: optuna.Trial) -> bool:
     return isinstance(trial.storage, DraftStorage) and trial._trial_id in trial.storage.drafts
 
 
-def write(study: optuna.Study, trial: optuna.Trial, state: TrialState, **user_attrs: Any) -> int:
+def write(
+    study: optuna.Study, trial: optuna.Trial, state: TrialState, **user_attrs: Any
+) -> FrozenTrial:
     """Write a draft of `study` in one transaction, with `user_attrs` added, finished or
-    RUNNING; its trial id. A finished one is told to the sampler, as `tell` does."""
+    RUNNING; the trial as written (as the study would read it back, without the round
+    trip). A finished one is told to the sampler, as `tell` does."""
     draft = trial.storage.drafts.pop(trial._trial_id)
     draft.state = state
     draft.user_attrs.update(user_attrs)
     if state.is_finished():
         draft.datetime_complete = datetime.datetime.now()
-    trial_id = insert(study._storage, study._study_id, draft)
+    draft._trial_id, draft.number = insert(study._storage, study._study_id, draft)
+    for attrs in (draft.user_attrs, draft.system_attrs):  # as stored: JSON
+        attrs.update(json.loads(json.dumps(attrs)))
     if state.is_finished():
-        study.sampler.after_trial(study, written(study, trial_id), state, None)
-    return trial_id
+        study.sampler.after_trial(study, copy.deepcopy(draft), state, None)
+    return draft
 
 
-def insert(storage: BaseStorage, study_id: int, t: FrozenTrial) -> int:
-    """`storage.create_new_trial(study_id, template_trial=t)` in one flush of rows.
+def insert(storage: BaseStorage, study_id: int, t: FrozenTrial) -> tuple[int, int]:
+    """`storage.create_new_trial(study_id, template_trial=t)` in one flush of rows; the
+    new trial's id and number.
 
     Optuna's RDB storage writes a template trial one row at a time, each after
     finding the trial again and, for a parameter, reading an earlier trial's
@@ -193,7 +264,8 @@ def insert(storage: BaseStorage, study_id: int, t: FrozenTrial) -> int:
     """
     rdb = getattr(storage, "_backend", storage)  # under Optuna's _CachedStorage
     if not isinstance(rdb, optuna.storages.RDBStorage) or t.intermediate_values:
-        return storage.create_new_trial(study_id, template_trial=t)
+        trial_id = storage.create_new_trial(study_id, template_trial=t)
+        return trial_id, storage.get_trial(trial_id).number
     from optuna.exceptions import StorageInternalError
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
@@ -213,12 +285,37 @@ def insert(storage: BaseStorage, study_id: int, t: FrozenTrial) -> int:
                 session.flush()
                 session.add_all(rows_of(row.trial_id, t))
                 row.number = row.count_past_trials(session)
-                return row.trial_id
+                return row.trial_id, row.number
         except StorageInternalError:
             if attempt == 5:
                 raise
             time.sleep(random.random() * 2.0)
     raise AssertionError("not reached")
+
+
+def record(
+    storage: BaseStorage, trial_id: int, user_attrs: dict[str, Any], reported: dict[int, float]
+) -> None:
+    """A running trial's user attributes and intermediate values, written as Optuna's RDB
+    storage writes each, in one transaction instead of one each; other storages, a call
+    each."""
+    rdb = getattr(storage, "_backend", storage)
+    if not isinstance(rdb, optuna.storages.RDBStorage):
+        for step, value in reported.items():
+            storage.set_trial_intermediate_value(trial_id, step, value)
+        for key, value in user_attrs.items():
+            storage.set_trial_user_attr(trial_id, key, value)
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(rdb.scoped_session, True) as session:
+        for step, value in reported.items():
+            rdb._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
+        for key, value in user_attrs.items():
+            rdb._set_trial_attr_without_commit(
+                session, models.TrialUserAttributeModel, trial_id, key, value
+            )
 
 
 def rows_of(trial_id: int, t: FrozenTrial) -> list[Any]:

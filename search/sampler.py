@@ -52,9 +52,12 @@ class TrainedStartup(optuna.samplers.BaseSampler):
         self._now: optuna.samplers.BaseSampler = self._random
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        # A new trial: the study is read once for it, here or by TPE, into Optuna's per-ask
+        # cache. `ask` empties it; so does this, for a trial built as `optuna.Trial(...)`.
+        study._thread_local.cached_all_trials = None
         if self._now is self._random:  # once TPE models, it stays
-            ended = study.get_trials(
-                deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
+            ended = study._get_trials(  # Optuna's read for this ask, which TPE reuses
+                deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED), use_cache=True
             )
             if sum(map(is_trained, ended)) >= self.startup:
                 self._now = self._tpe
@@ -108,7 +111,7 @@ class _NewTrialsOnly(_GroupDecomposedSearchSpace):
         elif self._study_id != study._study_id:
             raise ValueError("`_GroupDecomposedSearchSpace` cannot handle multiple studies.")
         states = (TrialState.COMPLETE, TrialState.PRUNED)
-        for trial in study._get_trials(deepcopy=False, states=states, use_cache=use_cache):
+        for trial in study._get_trials(deepcopy=False, states=states, use_cache=True):
             if trial._trial_id not in self._fed:
                 self._fed.add(trial._trial_id)
                 self._search_space.add_distributions(trial.distributions)
@@ -125,10 +128,13 @@ class FastTPE(optuna.samplers.TPESampler):
     0.3 s of CPU per ask, most of it that split, repeated 8 times. Here the
     trials are read and split once per ask, a finished trial's infeasibility
     and internal values are computed once, and the group decomposition is fed
-    only new trials (benchmarks/README.md#service-overhead). What TPE models and
-    draws is Optuna's: tests/test_sampler.py checks the draws are identical (Optuna
-    reads the study again for each group, so while other workers write, its groups
-    may see a trial that this ask's read did not).
+    only new trials (benchmarks/README.md#service-overhead). The study is read
+    once per ask, into Optuna's own per-ask cache (`use_cache`, reset by `ask`),
+    which the search space, the split and every group share; Optuna reads it
+    again for the space and for the split (with constant_liar), a round trip each.
+    What TPE models and draws is Optuna's: tests/test_sampler.py checks the
+    draws are identical (while other workers write, Optuna's later reads may see
+    a trial that this ask's one read did not).
     `_sample` and `_split_trials` below are Optuna 5.0's, less the repeated work.
     """
 
@@ -175,7 +181,7 @@ class FastTPE(optuna.samplers.TPESampler):
     ) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
         running = [TrialState.RUNNING] if self._constant_liar else []
         states = [TrialState.COMPLETE, TrialState.PRUNED, *running]
-        trials = study._get_trials(deepcopy=False, states=states, use_cache=not running)
+        trials = study._get_trials(deepcopy=False, states=states, use_cache=True)
         if self._constant_liar:
             trials = [t for t in trials if trial.number != t.number]
         if self._gamma is None:

@@ -43,11 +43,13 @@ class Slots:
         # A trial can become stale on this time scale; None: no heartbeat, nothing stale.
         self.stale_every = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
         self.next_stale_check = 0.0
+        self.seen: list[FrozenTrial] | None = None  # the study as `wait` last read it
 
-    def claim(self, trial: optuna.Trial) -> optuna.Trial | None:
+    def claim(self, trial: optuna.Trial, to: optuna.Study | None = None) -> optuna.Trial | None:
         """`trial` holding one of the study's slots, atomically across workers; None if
         none is left. A draft (search.draft) is written here, RUNNING with its slot, under
-        the lock that counts the slots; a retried trial keeps the slot it had.
+        the lock that counts the slots, and comes back as a trial of `to` (default: the
+        study); a retried trial keeps the slot it had.
         """
         if SLOT in trial.user_attrs:
             return trial
@@ -58,8 +60,8 @@ class Slots:
             if not is_draft(trial):
                 trial.set_user_attr(SLOT, held)
                 return trial
-            trial_id = write(self.study, trial, TrialState.RUNNING, **{SLOT: held})
-        return optuna.Trial(self.study, trial_id)  # outside the lock: it reads the study
+            trial_id = write(self.study, trial, TrialState.RUNNING, **{SLOT: held})._trial_id
+        return optuna.Trial(to or self.study, trial_id)  # outside the lock: it reads
 
     def requeue(self, trial: optuna.Trial | int, interrupted: bool = False) -> bool:
         """Fail a running trial and queue its copy, which keeps its slot; False when
@@ -90,7 +92,7 @@ class Slots:
         """
         while not stopped():
             self.fail_stale()
-            trials = self.study.get_trials(deepcopy=False)
+            trials = self.seen = self.study.get_trials(deepcopy=False)
             if self.fail_dead(trials):
                 continue
             if sum(map(is_trained, trials)) >= self.cap:
@@ -106,8 +108,10 @@ class Slots:
 
     def plenty(self) -> bool:
         """Whether more slots are free than trials are running: then a worker may claim
-        its next trial while its current one trains, and no other worker lacks a slot."""
-        trials = self.study.get_trials(deepcopy=False)
+        its next trial while its current one trains, and no other worker lacks a slot.
+        Read off the study as `wait` last read it (a round trip fewer per candidate):
+        the claim itself counts the slots afresh, under the lock."""
+        trials = self.seen if self.seen is not None else self.study.get_trials(deepcopy=False)
         running = sum(t.state == TrialState.RUNNING and SLOT in t.user_attrs for t in trials)
         return self.cap - len(slot_holders(trials)) > running
 

@@ -321,7 +321,7 @@ def heartbeat(trial: optuna.Trial) -> Iterator[None]:
     and the next one is tried. It calls the storage's `record_heartbeat`, which
     Optuna's heartbeat interface declares; tests/test_faults.py pins what it uses.
     """
-    storage = trial.storage
+    storage = getattr(trial.storage, "backend", trial.storage)  # a worker's (search.draft)
     interval = storage.get_heartbeat_interval() if hasattr(storage, "record_heartbeat") else None
     if not interval:
         yield

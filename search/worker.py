@@ -9,6 +9,7 @@ all run this loop.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import sys
@@ -26,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from models import ArchSpec
 from search import space
 from search.data import SearchData
-from search.draft import drafting, is_draft, write, written
+from search.draft import drafting, is_draft, record, training, write
 from search.env import device_name
 from search.latency import model_ms
 from search.limits import Limits, over
@@ -47,6 +48,9 @@ from search.trainer import (
 )
 
 MAX_CONSECUTIVE_REJECTIONS = 500
+# After a rejection the next candidate is proposed without reading the study again for
+# free slots if they were counted this recently (the claim counts them afresh anyway).
+RECHECK_S = 1.0
 RECIPE = ("ema", "tta", "zero_init", "bn_lr", "warmup")  # fixed, not sampled: a study setting
 
 
@@ -240,14 +244,20 @@ class Loop:
 
     def __post_init__(self) -> None:
         self.drafts = drafting(self.study)  # a new trial is written once, not per suggest
+        self.training = training(self.drafts)  # a trial's rungs: no round trip
 
     def next(self, told: Outcome | None, block: bool) -> Ready | str | None:
         """Tell `told`, then the next candidate holding a slot; "done" or "gave up" when
         there is none to train; None when `block` is off and no slot is free now."""
         if told is not None:
             self.tell(told)
+        checked = -math.inf
         while True:
-            free = self.slots.wait(self.finished, block=block)
+            if time.monotonic() - checked < RECHECK_S:  # just rejected: slots were free
+                free = not self.finished()
+            else:
+                free = self.slots.wait(self.finished, block=block)
+                checked = time.monotonic()
             if free is None:
                 return None
             if not free:
@@ -273,7 +283,7 @@ class Loop:
     def claim(self, proposal: Ready) -> Ready | None:
         """`proposal` holding a slot, its heartbeat started and its settings recorded; None
         (the candidate failed as unused) when another worker took the last free slot."""
-        claimed = self.slots.claim(proposal.trial)
+        claimed = self.slots.claim(proposal.trial, self.training)
         if claimed is None:
             unused(self.study, proposal.trial, self.search)
             return None
@@ -308,8 +318,11 @@ class Loop:
     def _write(self, told: Outcome) -> FrozenTrial | None:
         """The trial's records, then its tell (None: interrupted, queued again)."""
         trial = told.ready.trial
-        for key, value in told.attrs.items():
-            trial.set_user_attr(key, value)
+        reported = self.training._storage.reported(trial._trial_id) if self.training else {}
+        if told.state == TrialState.FAIL:  # interrupted: retried from the start
+            reported = {}
+        # before the tell, in one transaction: a pruned trial's value is its last report
+        record(self.study._storage, trial._trial_id, told.attrs, reported)
         if told.state == TrialState.FAIL:
             self.slots.requeue(trial, interrupted=True)
             return None
@@ -332,7 +345,9 @@ class Loop:
         if ready.beat is not None:
             ready.beat.close()
             self.slots.requeue(ready.trial, interrupted=True)
-        elif not is_draft(ready.trial):
+        elif is_draft(ready.trial):
+            ready.trial.storage.discard(ready.trial._trial_id)
+        else:
             unused(self.study, ready.trial, self.search)
 
 
@@ -357,7 +372,7 @@ def propose(
 def rejected(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
     """Tell a candidate the gate rejected: PRUNED, with its sizes and constraints."""
     if is_draft(trial):
-        return written(study, write(study, trial, TrialState.PRUNED))
+        return write(study, trial, TrialState.PRUNED)
     return study.tell(trial, state=TrialState.PRUNED)
 
 

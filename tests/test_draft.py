@@ -96,7 +96,8 @@ def test_a_draft_is_written_as_the_trial_it_would_have_been(tmp_path) -> None:
         space.suggest_training(trial, search.profile, 512, 0)
         trial.set_user_attr("note", [1, "a"])
         if drafted:
-            frozen = written(study, write(study, trial, TrialState.PRUNED))
+            frozen = write(study, trial, TrialState.PRUNED)
+            assert frozen == written(study, frozen._trial_id)  # as the study reads it back
         else:
             frozen = study.tell(trial, state=TrialState.PRUNED)
         told.append(study.get_trials()[0])
@@ -303,7 +304,7 @@ def test_a_trial_inserted_in_one_flush_reads_back_as_optunas_write_of_it(any_url
     storage = study._storage
     ids = []
     for t in (template, _complete(template)):
-        ids.append(draft.insert(storage, study._study_id, t))
+        ids.append(draft.insert(storage, study._study_id, t)[0])
         ids.append(storage.create_new_trial(study._study_id, template_trial=t))
     trials = study.get_trials()
     assert [t.number for t in trials] == [0, 1, 2, 3]
@@ -322,3 +323,60 @@ def _complete(t: FrozenTrial) -> FrozenTrial:
     c = copy.deepcopy(t)
     c.state, c.value = TrialState.COMPLETE, 0.875
     return c
+
+
+def test_a_trials_rungs_make_no_round_trip_and_are_written_when_it_is_told(
+    tmp_path, monkeypatch
+) -> None:
+    """A trained trial's reports stay in the worker until it is told, and the pruner reads
+    the study as the worker's proposals last read it: no database call at a rung. Told,
+    the trial has every value it reported, and a pruned one its last as its value."""
+    from dataclasses import dataclass
+
+    at_rung = [False]
+    calls_at_rung: list[str] = []
+
+    class OddOnesOut(optuna.pruners.BasePruner):
+        def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+            assert study.get_trials(deepcopy=False)  # the worker's last read: not empty
+            return trial.number % 2 == 1
+
+    @dataclass(frozen=True)
+    class Watched(Search):
+        def train(self, spec, cfg, on_eval=None, stop=None):
+            def at(s):
+                at_rung[0] = True
+                try:
+                    on_eval(s)
+                finally:
+                    at_rung[0] = False
+
+            return super().train(spec, cfg, at, stop)
+
+    study = open_study(f"sqlite:///{tmp_path}/s.db", "s", heartbeat=None)
+    study.pruner = OddOnesOut()
+    for name in ("get_all_trials", "get_trial", "set_trial_intermediate_value",
+                 "set_trial_user_attr", "set_trial_system_attr"):  # fmt: skip
+        real = getattr(study._storage, name)
+
+        def watched(*args, _name=name, _real=real, **kwargs):
+            if at_rung[0]:
+                calls_at_rung.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(study._storage, name, watched)
+    base = small_search()
+    search = Watched(**{f: getattr(base, f) for f in base.__dataclass_fields__})
+    assert run_worker(study, search, Slots(study, 4, None), Stop(), url=None) == "done"
+    assert calls_at_rung == []
+    trained = [t for t in study.get_trials() if is_trained(t)]
+    rungs = base.profile.rung_images()
+    assert len(trained) == 4 and {t.state for t in trained} == {
+        TrialState.COMPLETE, TrialState.PRUNED}  # fmt: skip
+    for t in trained:
+        if t.state == TrialState.PRUNED:
+            assert list(t.intermediate_values) == rungs[:1]
+            assert t.value == t.intermediate_values[rungs[0]]
+        else:
+            assert list(t.intermediate_values) == rungs and t.value == t.intermediate_values[
+                rungs[-1]]  # fmt: skip

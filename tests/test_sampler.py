@@ -36,7 +36,7 @@ def history(
         else:
             cfg = space.suggest_training(trial, QUICK, 20_000, 0)
             if is_draft(trial):
-                trial = optuna.Trial(study, write(study, trial, TrialState.RUNNING))
+                trial = optuna.Trial(study, write(study, trial, TrialState.RUNNING)._trial_id)
             score = 0.9 - 0.1 * abs(math.log10(cfg.lr / 0.03)) - 0.02 * spec.stages[0].kernel
             if i % 3 == 0:
                 trial.report(score - 0.2, 1)
