@@ -11,10 +11,14 @@ study had queued (a retry, a preset) is in the database already; its writes go
 there, as before.
 
 Reads are cut the same way. A draft is sampled on one read of the study (the one
-`ask` makes), not one per part of the sampler. A trial that trains reports to a
-`Training` storage: its rungs' values stay in the worker until it is told, and the
-pruner decides on the study as the worker last read it, so a trial makes no round
-trip between its start and its tell (benchmarks/README.md#service-overhead).
+`ask` makes), not one per part of the sampler. A drafted trial that trains reports
+to a `Training` storage: its rungs' values stay in the worker until it is told, and
+the pruner decides on the study as the worker last read it, so under the median and
+percentile rules its rungs make no round trip (benchmarks/README.md#service-overhead).
+A queued trial (a retry, a preset), and any under the hyperband pruner, reports to
+the study as Optuna does; the successive-halving rule still reads and writes its
+rung marks. A trial that another worker failed meanwhile (a heartbeat gap) is now
+found out at its tell, not at its next rung.
 """
 
 from __future__ import annotations

@@ -130,8 +130,9 @@ class FastTPE(optuna.samplers.TPESampler):
     and internal values are computed once, and the group decomposition is fed
     only new trials (benchmarks/README.md#service-overhead). The study is read
     once per ask, into Optuna's own per-ask cache (`use_cache`, reset by `ask`),
-    which the search space, the split and every group share; Optuna reads it
-    again for the space and for the split (with constant_liar), a round trip each.
+    which the search space, the split and every group share; Optuna's own
+    TPESampler reads it again for the space and for the split (with
+    constant_liar), a round trip each.
     What TPE models and draws is Optuna's: tests/test_sampler.py checks the
     draws are identical (while other workers write, Optuna's later reads may see
     a trial that this ask's one read did not).

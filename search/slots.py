@@ -109,8 +109,8 @@ class Slots:
     def plenty(self) -> bool:
         """Whether more slots are free than trials are running: then a worker may claim
         its next trial while its current one trains, and no other worker lacks a slot.
-        Read off the study as `wait` last read it (a round trip fewer per candidate):
-        the claim itself counts the slots afresh, under the lock."""
+        Read off the study as `wait` last read it (a round trip fewer per candidate): a
+        heuristic; the claim counts the slots against the cap afresh, under the lock."""
         trials = self.seen if self.seen is not None else self.study.get_trials(deepcopy=False)
         running = sum(t.state == TrialState.RUNNING and SLOT in t.user_attrs for t in trials)
         return self.cap - len(slot_holders(trials)) > running

@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from models import ArchSpec
 from search import space
 from search.data import SearchData
-from search.draft import drafting, is_draft, record, training, write
+from search.draft import Training, drafting, is_draft, record, training, write
 from search.env import device_name
 from search.latency import model_ms
 from search.limits import Limits, over
@@ -279,6 +279,7 @@ class Loop:
             ready = self.claim(Ready(trial, spec, cfg))
             if ready is not None:
                 return ready
+            checked = -math.inf  # another worker took the last slot: read the slots again
 
     def claim(self, proposal: Ready) -> Ready | None:
         """`proposal` holding a slot, its heartbeat started and its settings recorded; None
@@ -358,6 +359,7 @@ def propose(
     returned as told), then sample its training settings."""
     trial = drafts.ask()
     if not is_draft(trial):  # one the study had queued (a retry, a preset): in the database
+        study._thread_local.cached_all_trials = None  # its sampling reads the study afresh
         trial = optuna.Trial(study, trial._trial_id)
     for key, value in who.items():
         trial.set_user_attr(key, value)
@@ -402,10 +404,12 @@ def run_trial(study: optuna.Study, ready: Ready, search: Search, stop: Stop) -> 
         state, value, attrs = train_trial(trial, ready.spec, ready.cfg, search, stop)
     except UpdateFinishedTrialError:
         beat.close()
+        forget_reports(trial)
         failed_elsewhere(trial.number)
         return None
     except Exception as e:
         beat.close()
+        forget_reports(trial)
         with contextlib.suppress(UpdateFinishedTrialError):  # the error, not this
             trial.set_user_attr("failed", f"{type(e).__name__}: {one_line(e)}")
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -414,6 +418,12 @@ def run_trial(study: optuna.Study, ready: Ready, search: Search, stop: Stop) -> 
         beat.close()
         raise
     return Outcome(ready, state, value, attrs)
+
+
+def forget_reports(trial: optuna.Trial) -> None:
+    """A trial that will not be told: what it reported to its worker goes (search.draft)."""
+    if isinstance(trial.storage, Training):
+        trial.storage.reported(trial._trial_id)
 
 
 def failed_elsewhere(number: int) -> None:
