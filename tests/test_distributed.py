@@ -250,11 +250,14 @@ def interrupt_mid_trial(args: list[str], name: str, url: str, cwd, signum: int, 
     p = search(*args, cwd=cwd)
 
     def busy():
-        """Every worker training a candidate with at least half its images to go:
-        seconds left, so that the signal stops it rather than its end."""
+        """Every worker training a candidate that started under a second ago (a trial
+        of SLOW_IMAGES takes seconds), so that the signal stops it rather than its end.
+        (Its start, not its reports: a worker writes those when the trial is told.)"""
+        import datetime
+
         trials = load(url, name)
-        half = SLOW_IMAGES / 2
-        early = [t for t in training(trials) if max(t.intermediate_values.keys(), default=0) < half]
+        now = datetime.datetime.now()
+        early = [t for t in training(trials) if (now - t.datetime_start).total_seconds() < 1.0]
         done = counts(trials)["complete"]
         return done >= 1 and len(early) >= workers and len(processes_of(name)) >= workers
 
