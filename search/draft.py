@@ -123,9 +123,14 @@ class DraftStorage(BaseStorage):
     ) -> list[FrozenTrial]:
         """The study, read once per draft: `ask` reads it (for a queued trial) before the
         draft exists; the sampler's reads while it is drafted reuse that read."""
-        if not self.drafts or self.seen is None:
-            self.seen = list(self.backend.get_all_trials(study_id, deepcopy=False))
-        return _select(self.seen, deepcopy, states)
+        seen = self.reused()
+        if seen is None:
+            seen = self.seen = list(self.backend.get_all_trials(study_id, deepcopy=False))
+        return _select(seen, deepcopy, states)
+
+    def reused(self) -> list[FrozenTrial] | None:
+        """The read that a read of the study now reuses; None: read it."""
+        return self.seen if self.drafts else None
 
     def discard(self, trial_id: int) -> None:
         """A draft that will not be written (proposed ahead, then not trained)."""
@@ -189,15 +194,8 @@ class Training(DraftStorage):
     ) -> None:
         self.reports.setdefault(trial_id, {})[step] = intermediate_value
 
-    def get_all_trials(
-        self,
-        study_id: int,
-        deepcopy: bool = True,
-        states: Container[TrialState] | None = None,
-    ) -> list[FrozenTrial]:
-        if self.source.seen is None:
-            return super().get_all_trials(study_id, deepcopy, states)
-        return _select(self.source.seen, deepcopy, states)
+    def reused(self) -> list[FrozenTrial] | None:
+        return self.source.seen
 
     def reported(self, trial_id: int) -> dict[int, float]:
         """The trial's intermediate values, to be written now (they are forgotten here)."""

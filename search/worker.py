@@ -319,7 +319,7 @@ class Loop:
     def _write(self, told: Outcome) -> FrozenTrial | None:
         """The trial's records, then its tell (None: interrupted, queued again)."""
         trial = told.ready.trial
-        reported = self.training._storage.reported(trial._trial_id) if self.training else {}
+        reported = take_reports(trial)
         if told.state == TrialState.FAIL:  # interrupted: retried from the start
             reported = {}
         # before the tell, in one transaction: a pruned trial's value is its last report
@@ -404,12 +404,12 @@ def run_trial(study: optuna.Study, ready: Ready, search: Search, stop: Stop) -> 
         state, value, attrs = train_trial(trial, ready.spec, ready.cfg, search, stop)
     except UpdateFinishedTrialError:
         beat.close()
-        forget_reports(trial)
+        take_reports(trial)
         failed_elsewhere(trial.number)
         return None
     except Exception as e:
         beat.close()
-        forget_reports(trial)
+        take_reports(trial)
         with contextlib.suppress(UpdateFinishedTrialError):  # the error, not this
             trial.set_user_attr("failed", f"{type(e).__name__}: {one_line(e)}")
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -420,10 +420,12 @@ def run_trial(study: optuna.Study, ready: Ready, search: Search, stop: Stop) -> 
     return Outcome(ready, state, value, attrs)
 
 
-def forget_reports(trial: optuna.Trial) -> None:
-    """A trial that will not be told: what it reported to its worker goes (search.draft)."""
+def take_reports(trial: optuna.Trial) -> dict[int, float]:
+    """What a trial reported to its worker (search.draft.Training), taken from it: to
+    write at its tell, or to drop when it will not be told. Others report to the study."""
     if isinstance(trial.storage, Training):
-        trial.storage.reported(trial._trial_id)
+        return trial.storage.reported(trial._trial_id)
+    return {}
 
 
 def failed_elsewhere(number: int) -> None:
