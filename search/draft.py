@@ -51,6 +51,7 @@ class DraftStorage(BaseStorage):
         self.drafts: dict[int, FrozenTrial] = {}
         self._ids = itertools.count(-1, -1)
         self.seen: list[FrozenTrial] | None = None  # the study as this worker last read it
+        self.again = False  # the next ask reuses `seen` too (`ask_again`)
 
     # --- the draft ---------------------------------------------------------------------
 
@@ -124,13 +125,20 @@ class DraftStorage(BaseStorage):
         """The study, read once per draft: `ask` reads it (for a queued trial) before the
         draft exists; the sampler's reads while it is drafted reuse that read."""
         seen = self.reused()
+        self.again = False
         if seen is None:
             seen = self.seen = list(self.backend.get_all_trials(study_id, deepcopy=False))
         return _select(seen, deepcopy, states)
 
     def reused(self) -> list[FrozenTrial] | None:
         """The read that a read of the study now reuses; None: read it."""
-        return self.seen if self.drafts else None
+        return self.seen if self.drafts or self.again else None
+
+    def ask_again(self) -> None:
+        """The next ask reuses the last read, with the drafts written since: right after
+        the budget gate rejected a candidate (its worker asks again at once; what other
+        workers wrote in between is read at the ask after)."""
+        self.again = self.seen is not None
 
     def discard(self, trial_id: int) -> None:
         """A draft that will not be written (proposed ahead, then not trained)."""
@@ -247,6 +255,9 @@ def write(
     draft._trial_id, draft.number = insert(study._storage, study._study_id, draft)
     for attrs in (draft.user_attrs, draft.system_attrs):  # as stored: JSON
         attrs.update(json.loads(json.dumps(attrs)))
+    drafts = trial.storage
+    if drafts.seen is not None:  # the worker's last read of the study, now with this trial
+        drafts.seen = [*drafts.seen, draft]
     if state.is_finished():
         study.sampler.after_trial(study, copy.deepcopy(draft), state, None)
     return draft

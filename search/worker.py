@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from models import ArchSpec
 from search import space
 from search.data import SearchData
-from search.draft import Training, drafting, is_draft, record, training, write
+from search.draft import DraftStorage, Training, drafting, is_draft, record, training, write
 from search.env import device_name
 from search.latency import model_ms
 from search.limits import Limits, over
@@ -48,8 +48,9 @@ from search.trainer import (
 )
 
 MAX_CONSECUTIVE_REJECTIONS = 500
-# After a rejection the next candidate is proposed without reading the study again for
-# free slots if they were counted this recently (the claim counts them afresh anyway).
+# After a rejection the next candidate is proposed without reading the study again (for
+# free slots, or for the sampler) if it was read this recently: the claim counts the
+# slots afresh anyway, and a worker's next ask after that reads what others wrote.
 RECHECK_S = 1.0
 RECIPE = ("ema", "tta", "zero_init", "bn_lr", "warmup")  # fixed, not sampled: a study setting
 
@@ -169,9 +170,10 @@ def run_worker(
     The sampler is made from this worker's own seed (`sampler(seed)`). With
     `search.ahead` the main thread only trains: telling the last trial, waiting for a
     slot, sampling, the gate and the claim of the next happen in a thread meanwhile
-    (`on_tell` is called there). A claim made ahead holds a second slot while this
-    worker's trial trains, so it is made only while free slots outnumber the trials
-    running (`Slots.plenty`); near the end of a study the main thread claims.
+    (`on_tell` is called there), two candidates ahead (`Loop.ahead`). A claim made
+    ahead holds a slot while this worker's trial trains, so it is made only while free
+    slots outnumber the trials running (`Slots.plenty`); near the end of a study one
+    candidate is proposed ahead, and the main thread claims it.
     """
     number, sampler_seed = join(study, url, search.seed)
     study.sampler = sampler(sampler_seed)
@@ -188,8 +190,16 @@ def run_worker(
     loop = Loop(study, search, slots, finished, who, on_tell)
     told: Outcome | None = None  # trained, not yet told (ahead: the next job tells it)
     jobs = ThreadPoolExecutor(1, thread_name_prefix="ahead") if search.ahead else Now()
+    job: Future[object] | None = None  # the ahead thread's last job
+
+    def submit(told: Outcome | None, block: bool) -> Future[Ready | str | None]:
+        nonlocal job
+        out: Future[Ready | str | None] = Future()
+        job = jobs.submit(loop.ahead, told, block, out, search.ahead)
+        return out
+
     with jobs:
-        upcoming: Future[Ready | str | None] | None = jobs.submit(loop.next, None, True)
+        upcoming: Future[Ready | str | None] | None = submit(None, True)
         try:
             while True:
                 ready = upcoming.result()
@@ -200,24 +210,29 @@ def run_worker(
                 if isinstance(ready, Ready) and ready.beat is None:
                     ready = loop.claim(ready)  # proposed ahead, claimed now that it can train
                 if ready is None:  # nothing to train now: tell the last trial, then wait
-                    upcoming = jobs.submit(loop.next, told, True)
+                    upcoming = submit(told, True)
                     told = None
                     continue
                 if isinstance(ready, str):
                     break
                 if search.ahead:  # the next one is made while this one trains
-                    upcoming = jobs.submit(loop.next, told, False)
+                    upcoming = submit(told, False)
                     told = None
                 told = run_trial(study, ready, search, stop)
                 if not search.ahead:
-                    upcoming = jobs.submit(loop.next, told, True)
+                    upcoming = submit(told, True)
                     told = None
         finally:  # done, stopped or failed: tell what trained; what was claimed ahead goes back
+            if job is not None:
+                wait([job])  # the ahead thread idle: what it made and kept is final
+            made, loop.kept = [loop.kept], None
             try:
-                if upcoming is not None:
-                    left = upcoming.result()
-                    if isinstance(left, Ready):
-                        loop.drop(left)
+                made.append(upcoming.result() if upcoming is not None else None)
+                for ready_ in made:
+                    if isinstance(ready_, Ready):
+                        loop.drop(ready_)
+                if loop.failed is not None:
+                    raise loop.failed
             except Exception as e:  # the error the main thread raises, if any, comes first
                 print(f"warning: proposing ahead failed: {one_line(e)}", file=sys.stderr)
             finally:
@@ -241,24 +256,57 @@ class Loop:
     who: dict[str, object]
     on_tell: Callable[[optuna.Study, FrozenTrial], None] | None
     rejected_in_a_row: int = 0
+    kept: Ready | str | None = None  # made ahead for the trial after the next (`ahead`)
+    failed: BaseException | None = None  # raised by the last job after it delivered
 
     def __post_init__(self) -> None:
         self.drafts = drafting(self.study)  # a new trial is written once, not per suggest
         self.training = training(self.drafts)  # a trial's rungs: no round trip
 
-    def next(self, told: Outcome | None, block: bool) -> Ready | str | None:
+    def ahead(
+        self, told: Outcome | None, block: bool, out: Future[Ready | str | None], keep: bool
+    ) -> None:
+        """`next(told, block)`, delivered to `out` as soon as it is made; with `keep`, one
+        more is then made and kept for the job after (`kept`, delivered by it at once,
+        before its tell). A trial pruned at its first rung ends sooner than a proposal
+        is made (up to several gate rejections, TPE's sampling, the claim, the tell), so
+        a worker proposing ahead stays two candidates ahead while slots are plenty."""
+        try:
+            if self.failed is not None:  # the last job failed after it delivered
+                raise self.failed
+            if self.kept is not None:
+                self.kept, kept = None, self.kept
+                out.set_result(kept)
+                if told is not None:
+                    self.tell(told)
+            else:
+                kept = self.next(told, block)
+                out.set_result(kept)
+            if keep and isinstance(kept, Ready) and kept.beat is not None:
+                self.kept = self.next(None, block=False, keep=True)
+        except BaseException as e:
+            if out.done():
+                self.failed = e
+            else:
+                out.set_exception(e)
+            raise
+
+    def next(self, told: Outcome | None, block: bool, keep: bool = False) -> Ready | str | None:
         """Tell `told`, then the next candidate holding a slot; "done" or "gave up" when
-        there is none to train; None when `block` is off and no slot is free now."""
+        there is none to train; None when `block` is off and no slot is free now. With
+        `keep` (a second candidate made ahead), only one it could claim now."""
         if told is not None:
             self.tell(told)
         checked = -math.inf
         while True:
             if time.monotonic() - checked < RECHECK_S:  # just rejected: slots were free
                 free = not self.finished()
+                if isinstance(self.drafts._storage, DraftStorage):
+                    self.drafts._storage.ask_again()  # and the study was just read
             else:
                 free = self.slots.wait(self.finished, block=block)
                 checked = time.monotonic()
-            if free is None:
+            if free is None or (free and keep and not self.slots.plenty()):
                 return None
             if not free:
                 return "done"
@@ -275,6 +323,9 @@ class Loop:
             if not block and not self.slots.plenty():
                 # Few slots left: claimed ahead, one would wait behind this worker's trial
                 # while another worker could train it now. The main thread claims it.
+                if keep:
+                    self.drop(Ready(trial, spec, cfg))
+                    return None
                 return Ready(trial, spec, cfg)
             ready = self.claim(Ready(trial, spec, cfg))
             if ready is not None:

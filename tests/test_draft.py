@@ -208,17 +208,18 @@ def running(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials() if t.state == TrialState.RUNNING]
 
 
-def test_ahead_a_stop_sends_the_trial_claimed_ahead_back_with_its_slot(tmp_path) -> None:
-    """Stopped while one trains and the next is claimed: both are queued again with their
-    slots (the count stays exact on resume), none is left RUNNING."""
+def test_ahead_a_stop_sends_the_trials_claimed_ahead_back_with_their_slots(tmp_path) -> None:
+    """While slots are plenty a worker stays two candidates ahead: stopped while one
+    trains and the next two are claimed, all three are queued again with their slots
+    (the count stays exact on resume), none is left RUNNING."""
     url, stop = f"sqlite:///{tmp_path}/s.db", Stop()
-    search = slow_ahead(url, lambda s: len(running(s)) == 2, stop)
+    search = slow_ahead(url, lambda s: len(running(s)) == 3, stop)
     study = open_study(url, "s", heartbeat=None)
     assert run_worker(study, search, Slots(study, 5, None), stop, url=None) == "interrupted"
     trials = study.get_trials()
     assert not running(study) and sum(map(is_trained, trials)) == 0
     queued = [t for t in trials if t.state == TrialState.WAITING]
-    assert sorted(t.user_attrs[SLOT] for t in queued) == [0, 1]
+    assert sorted(t.user_attrs[SLOT] for t in queued) == [0, 1, 2]
 
 
 def test_ahead_near_the_end_the_next_is_proposed_not_claimed(tmp_path) -> None:
@@ -242,24 +243,24 @@ def test_ahead_near_the_end_the_next_is_proposed_not_claimed(tmp_path) -> None:
 
 
 def test_ahead_a_timeout_starts_no_trial_after_the_deadline(tmp_path) -> None:
-    """`--timeout` stops starting trials: the one claimed ahead before the deadline is not
-    trained after it; it is queued again with its slot."""
+    """`--timeout` stops starting trials: the two claimed ahead before the deadline are
+    not trained after it; they are queued again with their slots."""
     import time
 
     url, timeout = f"sqlite:///{tmp_path}/s.db", 2.0
-    # The first trial trains once the next is claimed and the deadline has passed (a
+    # The first trial trains once the next two are claimed and the deadline has passed (a
     # deadline of 0.1 s was flaky: a cold first proposal can take longer, and then no
     # trial starts at all).
     start = time.monotonic()
     search = slow_ahead(
-        url, lambda s: len(running(s)) == 2 and time.monotonic() > start + timeout + 0.5
+        url, lambda s: len(running(s)) == 3 and time.monotonic() > start + timeout + 0.5
     )
     study = open_study(url, "s", heartbeat=None)
     why = run_worker(study, search, Slots(study, 5, None), Stop(), url=None, timeout=timeout)
     assert why == "timeout"
     trials = study.get_trials()
     assert sum(map(is_trained, trials)) == 1 and not running(study)
-    assert [t.user_attrs[SLOT] for t in trials if t.state == TrialState.WAITING] == [1]
+    assert sorted(t.user_attrs[SLOT] for t in trials if t.state == TrialState.WAITING) == [1, 2]
     assert time.monotonic() - start < 60
 
 
@@ -380,3 +381,40 @@ def test_a_trials_rungs_make_no_round_trip_and_are_written_when_it_is_told(
         else:
             assert list(t.intermediate_values) == rungs and t.value == t.intermediate_values[
                 rungs[-1]]  # fmt: skip
+
+
+def test_an_ask_right_after_a_rejection_reuses_the_last_read_with_the_rejected_trial(
+    tmp_path, monkeypatch
+) -> None:
+    """`ask_again`: the ask that follows a gate rejection makes no read of the study, and
+    the sampler sees the rejected trial in it; the ask after that reads the study."""
+    from search.worker import propose
+
+    study = open_study(f"sqlite:///{tmp_path}/s.db", "s", heartbeat=None)
+    drafts = drafting(study)
+    reads: list[int] = []
+    real = drafts._storage.backend.get_all_trials
+    monkeypatch.setattr(
+        drafts._storage.backend, "get_all_trials",
+        lambda *a, **k: reads.append(1) or real(*a, **k),
+    )  # fmt: skip
+    search, who = small_search(), {"worker": "test"}
+    first = drafts.ask()
+    assert len(reads) == 1
+    rejected = write(study, first, TrialState.PRUNED, rejected="over the budget")
+    drafts._storage.ask_again()
+    seen_by_the_sampler: list[list[int]] = []
+    sample = study.sampler.sample_independent
+
+    def watched(study_, trial, name, dist):
+        seen_by_the_sampler.append([t.number for t in study_.get_trials(deepcopy=False)])
+        return sample(study_, trial, name, dist)
+
+    monkeypatch.setattr(study.sampler, "sample_independent", watched)
+    proposal = propose(study, drafts, search, who)
+    assert len(reads) == 1  # no read: the last one, with the rejected trial added
+    assert seen_by_the_sampler and all(s == [rejected.number] for s in seen_by_the_sampler)
+    if not isinstance(proposal, FrozenTrial):
+        drafts._storage.discard(proposal[0]._trial_id)
+    drafts.ask()
+    assert len(reads) == 2  # not right after a rejection: read
