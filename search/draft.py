@@ -136,8 +136,9 @@ class DraftStorage(BaseStorage):
 
     def ask_again(self) -> None:
         """The next ask reuses the last read, with the drafts written since: right after
-        the budget gate rejected a candidate (its worker asks again at once; what other
-        workers wrote in between is read at the ask after)."""
+        the budget gate rejected a candidate (its worker asks again at once). Rejections
+        in a row within `search.worker.RECHECK_S` share one read; what other workers
+        wrote meanwhile is read at the ask after."""
         self.again = self.seen is not None
 
     def discard(self, trial_id: int) -> None:

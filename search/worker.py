@@ -200,13 +200,14 @@ def run_worker(
 
     with jobs:
         upcoming: Future[Ready | str | None] | None = submit(None, True)
+        unused_: Ready | None = None  # made ahead, then stopped: it goes back (finally)
+        ended = False
         try:
             while True:
                 ready = upcoming.result()
                 upcoming = None
                 if isinstance(ready, Ready) and finished():  # stopped or out of time meanwhile
-                    loop.drop(ready)
-                    ready = "done"
+                    unused_, ready = ready, "done"
                 if isinstance(ready, Ready) and ready.beat is None:
                     ready = loop.claim(ready)  # proposed ahead, claimed now that it can train
                 if ready is None:  # nothing to train now: tell the last trial, then wait
@@ -222,22 +223,28 @@ def run_worker(
                 if not search.ahead:
                     upcoming = submit(told, True)
                     told = None
+            ended = True
         finally:  # done, stopped or failed: tell what trained; what was claimed ahead goes back
-            if job is not None:
-                wait([job])  # the ahead thread idle: what it made and kept is final
-            made, loop.kept = [loop.kept], None
             try:
-                made.append(upcoming.result() if upcoming is not None else None)
-                for ready_ in made:
-                    if isinstance(ready_, Ready):
-                        loop.drop(ready_)
-                if loop.failed is not None:
-                    raise loop.failed
+                if job is not None:
+                    wait([job])  # the ahead thread idle: what it made and kept is final
+                made, loop.kept = [unused_, loop.kept], None
+                for left in made:
+                    if isinstance(left, Ready):
+                        loop.drop(left)
+                left = upcoming.result() if upcoming is not None else None
+                if isinstance(left, Ready):
+                    loop.drop(left)
             except Exception as e:  # the error the main thread raises, if any, comes first
                 print(f"warning: proposing ahead failed: {one_line(e)}", file=sys.stderr)
             finally:
-                if told is not None:
-                    loop.tell(told)
+                for outcome in (told, loop.untold):  # a failed job did not tell its own
+                    if outcome is not None:
+                        loop.tell(outcome)
+            if loop.failed is not None and not ended:
+                print(f"warning: proposing ahead failed: {one_line(loop.failed)}", file=sys.stderr)
+    if loop.failed is not None:  # after it delivered, with no error on the main thread
+        raise loop.failed
     if stop():
         return "interrupted"
     if ready == "gave up":
@@ -257,7 +264,8 @@ class Loop:
     on_tell: Callable[[optuna.Study, FrozenTrial], None] | None
     rejected_in_a_row: int = 0
     kept: Ready | str | None = None  # made ahead for the trial after the next (`ahead`)
-    failed: BaseException | None = None  # raised by the last job after it delivered
+    failed: BaseException | None = None  # raised by a job after it delivered
+    untold: Outcome | None = None  # handed to a job that failed before telling it
 
     def __post_init__(self) -> None:
         self.drafts = drafting(self.study)  # a new trial is written once, not per suggest
@@ -273,6 +281,7 @@ class Loop:
         a worker proposing ahead stays two candidates ahead while slots are plenty."""
         try:
             if self.failed is not None:  # the last job failed after it delivered
+                self.untold = told  # told by the worker as it ends
                 raise self.failed
             if self.kept is not None:
                 self.kept, kept = None, self.kept
@@ -299,10 +308,9 @@ class Loop:
             self.tell(told)
         checked = -math.inf
         while True:
-            if time.monotonic() - checked < RECHECK_S:  # just rejected: slots were free
+            again = time.monotonic() - checked < RECHECK_S  # just rejected: slots were free
+            if again:
                 free = not self.finished()
-                if isinstance(self.drafts._storage, DraftStorage):
-                    self.drafts._storage.ask_again()  # and the study was just read
             else:
                 free = self.slots.wait(self.finished, block=block)
                 checked = time.monotonic()
@@ -310,6 +318,8 @@ class Loop:
                 return None
             if not free:
                 return "done"
+            if again and isinstance(self.drafts._storage, DraftStorage):
+                self.drafts._storage.ask_again()  # the study was just read too
             proposal = propose(self.study, self.drafts, self.search, self.who)
             if isinstance(proposal, FrozenTrial):  # rejected by the gate, told
                 self.rejected_in_a_row += 1
@@ -320,12 +330,9 @@ class Loop:
                 continue
             self.rejected_in_a_row = 0
             trial, spec, cfg = proposal
-            if not block and not self.slots.plenty():
+            if not block and not keep and not self.slots.plenty():  # (keep: checked above)
                 # Few slots left: claimed ahead, one would wait behind this worker's trial
                 # while another worker could train it now. The main thread claims it.
-                if keep:
-                    self.drop(Ready(trial, spec, cfg))
-                    return None
                 return Ready(trial, spec, cfg)
             ready = self.claim(Ready(trial, spec, cfg))
             if ready is not None:

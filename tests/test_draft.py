@@ -418,3 +418,72 @@ def test_an_ask_right_after_a_rejection_reuses_the_last_read_with_the_rejected_t
         drafts._storage.discard(proposal[0]._trial_id)
     drafts.ask()
     assert len(reads) == 2  # not right after a rejection: read
+
+
+def test_ahead_a_job_that_fails_after_it_delivered_is_raised_and_nothing_is_left_running(
+    tmp_path,
+) -> None:
+    """A job fails after it delivered the next candidate (here the tell's callback, in
+    the ahead thread): the worker raises that error once its trial ends, tells what it
+    trained, and sends back what it claimed ahead; nothing is left RUNNING."""
+    from dataclasses import dataclass, replace
+
+    @dataclass(frozen=True)
+    class Slow(Search):
+        def train(self, spec, cfg, on_eval=None, stop=None):
+            import time
+
+            time.sleep(0.3)  # the next candidates are made meanwhile
+            return super().train(spec, cfg, on_eval, stop)
+
+    told: list[int] = []
+
+    def on_tell(study: optuna.Study, trial: FrozenTrial) -> None:
+        if is_trained(trial):
+            told.append(trial.number)
+            if len(told) == 2:
+                raise RuntimeError("the dashboard's callback broke")
+
+    base = small_search()
+    search = replace(Slow(**{f: getattr(base, f) for f in base.__dataclass_fields__}), ahead=True)
+    study = open_study(f"sqlite:///{tmp_path}/s.db", "s", heartbeat=None)
+    with pytest.raises(RuntimeError, match="callback broke"):
+        run_worker(study, search, Slots(study, 8, None), Stop(), url=None, on_tell=on_tell)
+    trials = study.get_trials()
+    assert not running(study)
+    trained = [t for t in trials if is_trained(t)]
+    queued = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(trained) >= 3  # the two told, and the one trained after the failure
+    held = sorted(t.user_attrs[SLOT] for t in trained + queued)
+    assert held == list(range(len(held)))  # every claimed slot trained or queued again
+
+
+def test_a_worker_asks_again_on_the_read_it_made_after_a_gate_rejection(
+    tmp_path, monkeypatch
+) -> None:
+    """The loop itself: with many candidates over a tight budget, the ask after a rejection
+    reads nothing, so a worker reads the study for fewer asks than it makes."""
+    from dataclasses import replace
+
+    from search.draft import DraftStorage
+
+    asks, reads = [0], [0]
+    create, get_all = DraftStorage.create_new_trial, DraftStorage.get_all_trials
+
+    def counted_create(self, *args, **kwargs):
+        asks[0] += 1
+        return create(self, *args, **kwargs)
+
+    def counted_read(self, *args, **kwargs):
+        if self.reused() is None:
+            reads[0] += 1
+        return get_all(self, *args, **kwargs)
+
+    monkeypatch.setattr(DraftStorage, "create_new_trial", counted_create)
+    monkeypatch.setattr(DraftStorage, "get_all_trials", counted_read)
+    search = replace(small_search(), limits=Limits(20_000, 30_000_000))
+    study = open_study(f"sqlite:///{tmp_path}/s.db", "s", heartbeat=None)
+    assert run_worker(study, search, Slots(study, 3, None), Stop(), url=None) == "done"
+    rejected = sum("rejected" in t.user_attrs for t in study.get_trials())
+    assert rejected > 0
+    assert reads[0] < asks[0]
