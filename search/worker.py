@@ -284,14 +284,14 @@ class Loop:
                 self.untold = told  # told by the worker as it ends
                 raise self.failed
             if self.kept is not None:
-                self.kept, kept = None, self.kept
-                out.set_result(kept)
+                made, self.kept = self.kept, None
+                out.set_result(made)
                 if told is not None:
                     self.tell(told)
             else:
-                kept = self.next(told, block)
-                out.set_result(kept)
-            if keep and isinstance(kept, Ready) and kept.beat is not None:
+                made = self.next(told, block)
+                out.set_result(made)
+            if keep and isinstance(made, Ready) and made.beat is not None:
                 self.kept = self.next(None, block=False, keep=True)
         except BaseException as e:
             if out.done():
