@@ -228,6 +228,13 @@ def training(drafts: optuna.Study) -> optuna.Study | None:
     return optuna.Study(drafts.study_name, storage, drafts.sampler, drafts.pruner)
 
 
+def ask_again(drafts: optuna.Study) -> None:
+    """The next ask of `drafts` reuses the worker's last read (`DraftStorage.ask_again`);
+    under the hyperband pruner, whose asks are Optuna's, nothing."""
+    if isinstance(drafts._storage, DraftStorage):
+        drafts._storage.ask_again()
+
+
 def drafting(study: optuna.Study) -> optuna.Study:
     """The same study, with its sampler and pruner, in which `ask()` drafts a new trial
     (a queued one it takes from the database, as Optuna does). Under the hyperband

@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from models import ArchSpec
 from search import space
 from search.data import SearchData
-from search.draft import DraftStorage, Training, drafting, is_draft, record, training, write
+from search.draft import Training, ask_again, drafting, is_draft, record, training, write
 from search.env import device_name
 from search.latency import model_ms
 from search.limits import Limits, over
@@ -318,8 +318,8 @@ class Loop:
                 return None
             if not free:
                 return "done"
-            if again and isinstance(self.drafts._storage, DraftStorage):
-                self.drafts._storage.ask_again()  # the study was just read too
+            if again:
+                ask_again(self.drafts)  # the study was just read too
             proposal = propose(self.study, self.drafts, self.search, self.who)
             if isinstance(proposal, FrozenTrial):  # rejected by the gate, told
                 self.rejected_in_a_row += 1

@@ -27,6 +27,12 @@ def small_search() -> Search:
     return Search(data, Limits(5_000_000, 30_000_000), profile, 0, torch.device("cpu"))
 
 
+def small_as(cls: type[Search], **changes: object) -> Search:
+    """`small_search()` as an instance of `cls`, a Search whose training a test replaces."""
+    base = small_search()
+    return cls(**{f: getattr(base, f) for f in base.__dataclass_fields__} | changes)
+
+
 class Writes:
     """Counts the study storage's writes, by method; a new trial written in one flush of
     rows (`search.draft.insert`) counts as a create_new_trial."""
@@ -143,7 +149,7 @@ def test_ahead_the_next_candidate_is_sampled_while_one_trains(tmp_path) -> None:
     nothing is left running, queued or half-written."""
     import threading
     import time
-    from dataclasses import dataclass, replace
+    from dataclasses import dataclass
 
     sampled_during: list[bool] = []
     told_on_main: list[bool] = []
@@ -168,9 +174,7 @@ def test_ahead_the_next_candidate_is_sampled_while_one_trains(tmp_path) -> None:
             finally:
                 training.clear()
 
-    base = small_search()
-    search = Slow(**{f: getattr(base, f) for f in base.__dataclass_fields__})
-    search = replace(search, ahead=True)
+    search = small_as(Slow, ahead=True)
     study = open_study(f"sqlite:///{tmp_path}/s.db", "s", heartbeat=None)
     why = run_worker(study, search, Slots(study, 4, None), Stop(), url=None,
                      sampler=lambda seed: Watched(seed=seed))  # fmt: skip
@@ -186,7 +190,7 @@ def slow_ahead(url: str, until: Callable[[optuna.Study], bool], stop: Stop | Non
     """A Search that proposes ahead and whose training waits (up to 10 s) until
     `until(study)` holds, then requests `stop` if given, and trains."""
     import time
-    from dataclasses import dataclass, replace
+    from dataclasses import dataclass
 
     @dataclass(frozen=True)
     class Slow(Search):
@@ -199,9 +203,7 @@ def slow_ahead(url: str, until: Callable[[optuna.Study], bool], stop: Stop | Non
                 stop.request()
             return super().train(spec, cfg, on_eval, stop_)
 
-    base = small_search()
-    search = Slow(**{f: getattr(base, f) for f in base.__dataclass_fields__})
-    return replace(search, ahead=True, limits=Limits(5_000_000))
+    return small_as(Slow, ahead=True, limits=Limits(5_000_000))
 
 
 def running(study: optuna.Study) -> list[FrozenTrial]:
@@ -367,7 +369,7 @@ def test_a_trials_rungs_make_no_round_trip_and_are_written_when_it_is_told(
 
         monkeypatch.setattr(study._storage, name, watched)
     base = small_search()
-    search = Watched(**{f: getattr(base, f) for f in base.__dataclass_fields__})
+    search = small_as(Watched)
     assert run_worker(study, search, Slots(study, 4, None), Stop(), url=None) == "done"
     assert calls_at_rung == []
     trained = [t for t in study.get_trials() if is_trained(t)]
@@ -426,7 +428,7 @@ def test_ahead_a_job_that_fails_after_it_delivered_is_raised_and_nothing_is_left
     """A job fails after it delivered the next candidate (here the tell's callback, in
     the ahead thread): the worker raises that error once its trial ends, tells what it
     trained, and sends back what it claimed ahead; nothing is left RUNNING."""
-    from dataclasses import dataclass, replace
+    from dataclasses import dataclass
 
     @dataclass(frozen=True)
     class Slow(Search):
@@ -444,8 +446,7 @@ def test_ahead_a_job_that_fails_after_it_delivered_is_raised_and_nothing_is_left
             if len(told) == 2:
                 raise RuntimeError("the dashboard's callback broke")
 
-    base = small_search()
-    search = replace(Slow(**{f: getattr(base, f) for f in base.__dataclass_fields__}), ahead=True)
+    search = small_as(Slow, ahead=True)
     study = open_study(f"sqlite:///{tmp_path}/s.db", "s", heartbeat=None)
     with pytest.raises(RuntimeError, match="callback broke"):
         run_worker(study, search, Slots(study, 8, None), Stop(), url=None, on_tell=on_tell)
