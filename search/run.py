@@ -390,8 +390,15 @@ def finish(
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
     stop = Stop().install()
+    try:
+        return search_main(argv, stop)
+    finally:
+        stop.uninstall()
+
+
+def search_main(argv: list[str], stop: Stop) -> int:
+    args = parse_args(argv)
     if args.worker and launch.PARENT_ENV in os.environ:
         stop.watch_parent(int(os.environ[launch.PARENT_ENV]))
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -45,12 +45,20 @@ class Stop:
         self.signum: int | None = None
         self.requested_at: float | None = None  # time.monotonic() of the first request
         self.listeners: list[Callable[[int], None]] = []  # told at once, from the handler
+        self._before: dict[int, object] = {}
 
     def install(self) -> Stop:
-        """Handle SIGINT and SIGTERM in this (main) thread from now on."""
+        """Handle SIGINT and SIGTERM in this (main) thread until `uninstall`."""
         for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handle)
+            self._before[s] = signal.signal(s, self._handle)
         return self
+
+    def uninstall(self) -> None:
+        """The handlers from before `install`: a program that ran a search in its own
+        process (a benchmark, a notebook) is stopped by a signal again as before."""
+        for s, handler in self._before.items():
+            signal.signal(s, handler)  # type: ignore[arg-type]
+        self._before.clear()
 
     def _handle(self, signum: int, _frame: object) -> None:
         if self.event.is_set() and signum == signal.SIGINT:

@@ -282,3 +282,13 @@ def test_a_gpu_replay_is_judged_within_the_stated_tolerance() -> None:
     assert ok and "within the GPU tolerance" in line
     ok, line = replay.judge(0.9, 0.9 - 2 * replay.CUDA_TOLERANCE, False)
     assert not ok and "outside" in line
+
+
+def test_a_search_run_in_a_program_gives_its_signal_handlers_back(tmp_path, monkeypatch) -> None:
+    """run.main handles SIGINT/SIGTERM while it runs, then restores the program's own:
+    a benchmark that ran a search in its process was deaf to SIGTERM afterwards."""
+    monkeypatch.chdir(tmp_path)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    argv = [*FAST_SEARCH, "--create-only", "--study-name", "h", "--storage", sqlite(tmp_path)]
+    assert run.main(argv) == 0
+    assert {s: signal.getsignal(s) for s in before} == before
