@@ -12,7 +12,8 @@ and quick-50k (a 50,000-parameter budget and a 5M-MAC cap, which the defaults
 were not tuned on).
 
 - default: `search.run`'s own loop and settings (search.worker.run_worker,
-  TPE after 10 trained candidates, the median rule after 1).
+  its first candidate past the gate trained with the start settings, TPE after 10
+  trained candidates, the median rule after 1).
 - optuna: the same loop with Optuna as a person sets it up by hand:
   `TPESampler(seed=seed)` and `MedianPruner()`, their defaults.
 - optuna-hyperband: `TPESampler(seed=seed)` and `HyperbandPruner(min_resource=3000,
@@ -52,6 +53,7 @@ Run it alone on the machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import threading
@@ -78,7 +80,7 @@ from search.data import SearchData, load_dataset, search_split
 from search.limits import Limits
 from search.profile import QUICK
 from search.records import counts
-from search.sampler import make_sampler
+from search.sampler import START_CANDIDATES, make_sampler
 from search.signals import Stop
 from search.study import derived_seed, make_pruner
 from search.trainer import OutOfMemory, Stopped, TrainingDiverged, train
@@ -290,11 +292,19 @@ def peer(method: str, cs: Any, seed: int, low: int, high: int, tmp: Path) -> tup
 # --- the Optuna methods: the search's own loop ----------------------------------------------
 
 
-def run_optuna(method: str, seed: int, seconds: float, data: SearchData, limits: Limits) -> dict:
+def run_optuna(
+    method: str,
+    seed: int,
+    seconds: float,
+    data: SearchData,
+    limits: Limits,
+    start_candidates: int = START_CANDIDATES,
+) -> dict:
     rungs = QUICK.rung_images()
     sampler: Callable[[int], optuna.samplers.BaseSampler]
     if method == "default":
-        sampler, pruner = make_sampler, make_pruner("median", rungs)
+        sampler = functools.partial(make_sampler, start_candidates=start_candidates)
+        pruner = make_pruner("median", rungs)
     elif method == "optuna":
         sampler, pruner = _tpe, optuna.pruners.MedianPruner()
     elif method == "optuna-hyperband":
@@ -320,7 +330,8 @@ def run_optuna(method: str, seed: int, seconds: float, data: SearchData, limits:
     print(f"  {method:16s} seed {seed}: best {best:.4f}; {c['trained']} trained "
           f"({c['complete']} complete, {c['pruned']} pruned), {c['rejected']} rejected",
           flush=True)  # fmt: skip
-    return {"method": method, "seed": seed, "curve": curve, "final_best": best, "counts": c}
+    out = {"method": method, "seed": seed, "curve": curve, "final_best": best, "counts": c}
+    return out | ({"start_candidates": start_candidates} if method == "default" else {})
 
 
 def _tpe(seed: int) -> optuna.samplers.BaseSampler:
@@ -423,6 +434,12 @@ def main() -> None:
         "--name", default="peers", help="results file: benchmarks/results/NAME-cpu.json"
     )
     ap.add_argument("--summarize-only", action="store_true", help="run nothing: summarize")
+    ap.add_argument(
+        "--start-candidates",
+        type=int,
+        default=START_CANDIDATES,
+        help="default method: its first candidates that train with the start settings",
+    )
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
@@ -443,8 +460,11 @@ def main() -> None:
             for method in args.methods:
                 if (method, seed) in done:
                     continue
-                run = run_peer if method in ("smac", "dehb") else run_optuna
-                task["runs"].append(run(method, seed, args.seconds, data, limits))
+                if method in ("smac", "dehb"):
+                    r = run_peer(method, seed, args.seconds, data, limits)
+                else:
+                    r = run_optuna(method, seed, args.seconds, data, limits, args.start_candidates)
+                task["runs"].append(r)
                 task["summary"] = summarize(task["runs"], args.seconds)
                 save(args.name, {"tasks": tasks, "profile": QUICK.to_dict()}, "cpu")
     for name, t in tasks.items():

@@ -12,6 +12,12 @@ those near-median ones finish, and the search refines before it has explored.
 first rung counts), and TPE still learns from every rejected one, as an infeasible
 trial. The live benchmark that chose it, its figures and its command are in
 benchmarks/README.md, section Search efficiency.
+
+The random start draws architectures at random, but its first candidates that pass
+the gate train with fixed start settings (`START`): random training settings are
+mostly poor on a short trial, and the start's first results set the median that
+prunes the rest (benchmarks/README.md#start-settings measured which settings and
+how many).
 """
 
 from __future__ import annotations
@@ -21,7 +27,12 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.samplers._tpe.sampler import (
     _split_complete_trials,
     _split_pruned_trials,
@@ -33,8 +44,17 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from search.slots import is_trained
+from search.space import training_params
+from search.trainer import TrainConfig
 
 SAMPLER_STARTUP = 10  # trained candidates before TPE models (Optuna's default number)
+# The first candidates' training settings. Measured on the quick profile, on the first
+# architectures of random starts (benchmarks/start_settings.py, seeds 100-104, 30 of
+# them): SGD at the smallest batch without augmentation was the best of five settings
+# on 28 and beat the random draw on 29, by 6-9 points on average. A batch size the profile lacks becomes its nearest below
+# (else its smallest): the GPU profile's 128 (not measured there).
+START = TrainConfig(batch_size=32, lr=0.05, crop_padding=0, flip=False)
+START_CANDIDATES = 1  # how many of the first candidates past the gate use them
 
 
 class TrainedStartup(optuna.samplers.BaseSampler):
@@ -45,11 +65,20 @@ class TrainedStartup(optuna.samplers.BaseSampler):
     this worker stays on TPE.)
     """
 
-    def __init__(self, seed: int | None, startup: int = SAMPLER_STARTUP) -> None:
+    def __init__(
+        self,
+        seed: int | None,
+        startup: int = SAMPLER_STARTUP,
+        start: TrainConfig | None = START,
+        start_candidates: int = START_CANDIDATES,
+    ) -> None:
         self.startup = startup
         self._random = optuna.samplers.RandomSampler(seed=seed)
         self._tpe = tpe(seed, startup=0)
         self._now: optuna.samplers.BaseSampler = self._random
+        self._start = training_params(start) if start and start_candidates > 0 else {}
+        self._start_candidates = start_candidates
+        self._starts: dict[int, bool] = {}  # trial id -> trains with the start settings
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         # A new trial: the study is read once for it, here or by TPE, into Optuna's per-ask
@@ -80,7 +109,23 @@ class TrainedStartup(optuna.samplers.BaseSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
+        if param_name in self._start and self._starts_with_settings(study, trial):
+            return fitted(self._start[param_name], param_distribution)
         return self._now.sample_independent(study, trial, param_name, param_distribution)
+
+    def _starts_with_settings(self, study: Study, trial: FrozenTrial) -> bool:
+        """In the random start, and fewer than `start_candidates` others of the study
+        were given training settings (they passed the gate): decided once a trial."""
+        if self._now is not self._random:
+            return False
+        if trial._trial_id not in self._starts:
+            given = sum(
+                "optimizer" in t.params
+                for t in study._get_trials(deepcopy=False, use_cache=True)
+                if t.number != trial.number
+            )
+            self._starts[trial._trial_id] = given < self._start_candidates
+        return self._starts[trial._trial_id]
 
     def after_trial(
         self,
@@ -94,6 +139,19 @@ class TrainedStartup(optuna.samplers.BaseSampler):
     def reseed_rng(self) -> None:
         self._random.reseed_rng()
         self._tpe.reseed_rng()
+
+
+def fitted(value: Any, dist: BaseDistribution) -> Any:
+    """`value` as a point of `dist`: a batch size the profile does not offer becomes the
+    largest one below it (else the smallest), a number outside a range its nearest end."""
+    if isinstance(dist, CategoricalDistribution):
+        if value in dist.choices:
+            return value
+        below = [c for c in dist.choices if isinstance(c, int | float) and c <= value]
+        return max(below) if below else min(dist.choices)
+    if isinstance(dist, FloatDistribution | IntDistribution):
+        return min(max(value, dist.low), dist.high)
+    return value
 
 
 class _NewTrialsOnly(_GroupDecomposedSearchSpace):
@@ -266,8 +324,14 @@ def tpe(
 
 
 def make_sampler(
-    seed: int | None, startup: int = SAMPLER_STARTUP, trained_only: bool = True
+    seed: int | None,
+    startup: int = SAMPLER_STARTUP,
+    trained_only: bool = True,
+    start_candidates: int = START_CANDIDATES,
 ) -> optuna.samplers.BaseSampler:
     """`startup`: trained candidates before TPE models; with `trained_only=False`,
-    Optuna's count: trials, rejected ones included."""
-    return TrainedStartup(seed, startup) if trained_only else tpe(seed, startup)
+    Optuna's count: trials, rejected ones included (and no start settings).
+    `start_candidates`: the first ones past the gate that train with `START`."""
+    if not trained_only:
+        return tpe(seed, startup)
+    return TrainedStartup(seed, startup, START, start_candidates)

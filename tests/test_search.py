@@ -24,7 +24,7 @@ from search.data import load_dataset, search_split, synthetic
 from search.limits import Limits, over
 from search.profile import Profile
 from search.records import counts, trial_arch
-from search.sampler import make_sampler
+from search.sampler import TrainedStartup, make_sampler
 from search.signals import Stop
 from search.slots import Slots, is_trained
 from search.study import make_pruner, open_study
@@ -209,6 +209,33 @@ def test_a_trained_startup_is_not_shortened_by_rejected_candidates() -> None:
     # Optuna's count: TPE from the 12th ask, after 6 trained candidates.
     asks = draws(make_sampler(7, startup=12, trained_only=False), 40, rejected)
     assert asks[:12] == plain[:12] and off_by(asks[12:24]) < off_by(plain[12:24]) / 2
+
+
+def test_the_random_start_trains_its_first_candidates_with_the_start_settings() -> None:
+    """The first `start_candidates` trials given training settings (past the gate) get
+    the start settings, the batch size fitted to the profile; rejected trials (no
+    training settings) do not count; later ones are drawn at random."""
+    profile = Profile("p", 24_000, (0.5, 1.0), min_steps=100, batch_sizes=(32, 64, 128))
+    start = TrainConfig(lr=0.05, batch_size=256, crop_padding=0, flip=False)
+    study = optuna.create_study(sampler=TrainedStartup(3, startup=10, start=start,
+                                                       start_candidates=2))  # fmt: skip
+    given = []
+    for i in range(8):
+        trial = study.ask()
+        trial.suggest_int("stages", 1, 3)  # the architecture: drawn at random throughout
+        if i in (0, 2):  # rejected by the gate: no training settings
+            study.tell(trial, state=TrialState.PRUNED)
+            continue
+        given.append(space.suggest_training(trial, profile, 20_000, 0))
+        study.tell(trial, 0.5)
+    want = dataclasses.replace(start, images=profile.images, batch_size=128)
+    assert given[:2] == [want, want]
+    assert all(cfg != want for cfg in given[2:])
+    assert len({cfg.lr for cfg in given[2:]}) == len(given) - 2  # drawn, not fixed
+    # Off: the random start draws every setting.
+    off = optuna.create_study(sampler=TrainedStartup(3, start=None))
+    trial = off.ask()
+    assert space.suggest_training(trial, profile, 20_000, 0) != want
 
 
 def test_batch_sizes_fit_the_trial_length_and_the_print_says_what_they_give() -> None:
