@@ -8,7 +8,8 @@ product's choice for the horizon (`search.choose`), then every contender trained
 for the horizon (H epochs of the whole 60,000-image training set) with the same
 final training (search/final.py), once per seed, and measured on the test split:
 
-- chosen: the network and settings `search.choose` picked;
+- chosen: the network and settings `search.choose` picked; the same network with the
+  hand defaults of TrainConfig (were the chosen settings right for the horizon?);
 - best short trial: the study's best trial by validation, with its settings;
 - front: every trial on the study's accuracy/size front, with its settings (the
   best of them at the horizon is an oracle: what a perfect choice would ship);
@@ -79,6 +80,9 @@ def contenders(study: optuna.Study, chosen: dict, shape: tuple[int, int, int]) -
     )
     out = {
         "chosen": (spec_c, cfg_c, "chosen"),
+        # were the chosen settings right for the horizon? the choice dropped the hand
+        # settings (augmentation) at its first rung, 1/9 of the horizon
+        "chosen network, hand settings": (spec_c, TrainConfig(seed=cfg_c.seed), "settings"),
         "best short trial": (trial_arch(best), trial_training(best), "short"),
     }
     for t in pareto_front(trials):
@@ -216,6 +220,9 @@ def summarize(record: dict, runs: list[dict], study: optuna.Study, seeds: list[i
         "chosen_test_mean": chosen["test_mean"],
         "chosen_params": chosen["params"],
         "best_short_trial_test_mean": table["best short trial"]["test_mean"],
+        "chosen_network_hand_settings_test_mean": table["chosen network, hand settings"][
+            "test_mean"
+        ],
         "best_hand_test_mean": best("hand"),
         "best_front_test_mean": best("front"),
         "spearman_short_vs_horizon_front": spearman(*zip(*front, strict=True)) if front else None,
