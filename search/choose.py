@@ -133,18 +133,21 @@ def main(argv: list[str] | None = None) -> int:
         f"{horizon.train_images:,} training images ({horizon.images:,} images)"
     )
     done: dict[str, float] = dict(study.user_attrs.get("choice_runs", {}))
-    start = time.perf_counter()
+    seconds: dict[str, float] = dict(study.user_attrs.get("choice_seconds", {}))
 
     def run(c: Candidate, length: int) -> float:
         key = f"{c.name} @ {length}"
         if key not in done:
             epochs = length / len(split.train_y)
             cfg = replace(c.cfg, images=length)
+            start = time.perf_counter()
             try:
                 done[key] = train(c.spec, cfg, split.train_val, device=device).history[-1].val_acc
             except (TrainingDiverged, OutOfMemory) as e:
                 print(f"  {c.name}: {e}; counted as 0", flush=True)
                 done[key] = 0.0
+            seconds[key] = round(time.perf_counter() - start, 1)
+            study.set_user_attr("choice_seconds", seconds)  # what the choice cost, resumed too
             study.set_user_attr("choice_runs", done)  # kept as it ends: a stop resumes here
             print(
                 f"  {length:,} images ({epochs:.1f} epochs of the search split): {c.name} "
@@ -177,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         "horizon": horizon.to_dict(),
         "rungs": rows,
         "images_trained": sum(r["images"] for r in rows),
-        "seconds": round(time.perf_counter() - start, 1),
+        # its runs' training time, those of earlier calls too (a resumed choice ran them)
+        "seconds": round(sum(seconds.get(f"{r['candidate']} @ {r['images']}", 0) for r in rows), 1),
     }
     study.set_user_attr("choice", {k: v for k, v in choice.items() if k != "rungs"})
     export = export_trial(study, trial) | {"training": winner.cfg.to_dict(), "choice": choice}

@@ -51,8 +51,9 @@ SAMPLER_STARTUP = 10  # trained candidates before TPE models (Optuna's default n
 # The first candidates' training settings. Measured on the quick profile, on the first
 # architectures of random starts (benchmarks/start_settings.py, seeds 100-104, 30 of
 # them): SGD at the smallest batch without augmentation was the best of five settings
-# on 28 and beat the random draw on 29, by 6-9 points on average. A batch size the profile lacks becomes its nearest below
-# (else its smallest): the GPU profile's 128 (not measured there).
+# on 28 and beat the random draw on 29, by 6-9 points on average. A batch size the
+# profile lacks becomes its nearest below (else its smallest): the GPU profile's 128
+# (not measured there).
 START = TrainConfig(batch_size=32, lr=0.05, crop_padding=0, flip=False)
 START_CANDIDATES = 1  # how many of the first candidates past the gate use them
 

@@ -60,6 +60,8 @@ def test_choose_writes_the_chosen_network_and_settings_and_resumes(finished, tmp
     assert choose.main(argv) == 0
     again = capsys.readouterr().out
     assert "validation 0." not in again and json.loads(out.read_text())["trial"] == best["trial"]
+    # What the choice cost is its runs' time, the earlier call's too: not 0 s on a resume.
+    assert json.loads(out.read_text())["choice"]["seconds"] == choice["seconds"] > 0
 
 
 def test_choose_on_a_missing_study_is_a_clear_error(tmp_path, capsys) -> None:
