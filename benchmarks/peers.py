@@ -450,6 +450,10 @@ def main() -> None:
     task = tasks.setdefault(args.task, {"seconds_per_run": args.seconds, "runs": []})
     if task["seconds_per_run"] != args.seconds:
         ap.error(f"{args.task} was run at {task['seconds_per_run']} s a run, not {args.seconds}")
+    other = {r.get("start_candidates", 0) for r in task["runs"] if r["method"] == "default"}
+    if not args.summarize_only and other - {args.start_candidates}:
+        ap.error(f"{args.task}'s saved default runs used --start-candidates {sorted(other)}, "
+                 f"not {args.start_candidates}: use another --name")  # fmt: skip
     if not args.summarize_only:
         limits = TASKS[args.task]
         ds = load_dataset("fashion-mnist", args.data_dir)

@@ -69,6 +69,8 @@ def search_once(folder: Path, ds: Dataset, tmp: Path, trials: int, seed: int) ->
     argv += ["--seed", str(seed), "--storage", url, "--study-name", name, "--no-progress"]
     with contextlib.chdir(tmp):  # its studies/<name>/best.json goes with the folder
         rc = run.main(argv)
+    if rc != 0:
+        raise SystemExit(f"search.run exited {rc} (seed {seed})")
     seconds = time.perf_counter() - t0
     study = optuna.load_study(study_name=name, storage=url)
     best = best_trial(study)

@@ -91,6 +91,13 @@ def halve(
     return alive[0], rows
 
 
+def spent(seconds: dict[str, float], rows: list[dict]) -> float | None:
+    """The choice's training seconds; None when a run's time was not recorded (a choice
+    begun before they were)."""
+    keys = [f"{r['candidate']} @ {r['images']}" for r in rows]
+    return round(sum(seconds[k] for k in keys), 1) if all(k in seconds for k in keys) else None
+
+
 def parse_args(argv: list[str] | None):
     ap = Parser(prog="python -m search.choose", description=__doc__.split("\n")[0])
     add_study_args(ap)
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "rungs": rows,
         "images_trained": sum(r["images"] for r in rows),
         # its runs' training time, those of earlier calls too (a resumed choice ran them)
-        "seconds": round(sum(seconds.get(f"{r['candidate']} @ {r['images']}", 0) for r in rows), 1),
+        "seconds": spent(seconds, rows),
     }
     study.set_user_attr("choice", {k: v for k, v in choice.items() if k != "rungs"})
     export = export_trial(study, trial) | {"training": winner.cfg.to_dict(), "choice": choice}
@@ -191,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         f"ship: {winner.name} ({count_params(winner.spec):,} params); wrote {out}\n"
         f"next: python -m search.train {out} --epochs {horizon.epochs} --seeds 3\n"
         f"      {cost(3, horizon.epochs, horizon.train_images, None)}; this choice trained "
-        f"{choice['images_trained']:,} images in {duration(choice['seconds'])}"
+        f"{choice['images_trained']:,} images"
+        + (f" in {duration(choice['seconds'])}" if choice["seconds"] is not None else "")
     )
     return 0
 

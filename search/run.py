@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def search_main(argv: list[str], stop: Stop) -> int:
+    """The search, with `stop` handling the signals; its exit code."""
     args = parse_args(argv)
     if args.worker and launch.PARENT_ENV in os.environ:
         stop.watch_parent(int(os.environ[launch.PARENT_ENV]))

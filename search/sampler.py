@@ -56,14 +56,16 @@ SAMPLER_STARTUP = 10  # trained candidates before TPE models (Optuna's default n
 # (not measured there).
 START = TrainConfig(batch_size=32, lr=0.05, crop_padding=0, flip=False)
 START_CANDIDATES = 1  # how many of the first candidates past the gate use them
+_LIVE = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class TrainedStartup(optuna.samplers.BaseSampler):
     """RandomSampler until `startup` candidates were trained, then TPE; rejected ones
     still teach TPE then, as infeasible trials. One instance per worker, which asks
-    one trial at a time. (With the hyperband pruner Optuna shows the sampler one
-    bracket's trials, so it counts that bracket's; once one bracket has `startup`,
-    this worker stays on TPE.)
+    one trial at a time. Its first `start_candidates` past the gate train with the
+    `start` settings. (With the hyperband pruner Optuna shows the sampler a bracket's
+    view of the study, which filters only `get_trials`: the counts here, through
+    `_get_trials`, are the whole study's.)
     """
 
     def __init__(
@@ -116,13 +118,15 @@ class TrainedStartup(optuna.samplers.BaseSampler):
 
     def _starts_with_settings(self, study: Study, trial: FrozenTrial) -> bool:
         """In the random start, and fewer than `start_candidates` others of the study
-        were given training settings (they passed the gate): decided once a trial."""
+        were given training settings (passed the gate) and were not failed: decided once
+        a trial. Workers that start together read the study at once, so each may give
+        its first candidate the start settings (up to one per worker)."""
         if self._now is not self._random:
             return False
         if trial._trial_id not in self._starts:
             given = sum(
                 "optimizer" in t.params
-                for t in study._get_trials(deepcopy=False, use_cache=True)
+                for t in study._get_trials(deepcopy=False, states=_LIVE, use_cache=True)
                 if t.number != trial.number
             )
             self._starts[trial._trial_id] = given < self._start_candidates

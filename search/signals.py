@@ -18,7 +18,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
+from typing import Any
 
+Handler = Callable[[int, FrameType | None], Any] | int | None  # what signal.signal returns
 _held = {"depth": 0, "pending": False}  # a second Ctrl-C that arrived inside critical()
 
 
@@ -45,7 +48,7 @@ class Stop:
         self.signum: int | None = None
         self.requested_at: float | None = None  # time.monotonic() of the first request
         self.listeners: list[Callable[[int], None]] = []  # told at once, from the handler
-        self._before: dict[int, object] = {}
+        self._before: dict[int, Handler] = {}
 
     def install(self) -> Stop:
         """Handle SIGINT and SIGTERM in this (main) thread until `uninstall`."""
@@ -57,7 +60,8 @@ class Stop:
         """The handlers from before `install`: a program that ran a search in its own
         process (a benchmark, a notebook) is stopped by a signal again as before."""
         for s, handler in self._before.items():
-            signal.signal(s, handler)  # type: ignore[arg-type]
+            if handler is not None:  # None: a handler not set from Python, left as it is
+                signal.signal(s, handler)
         self._before.clear()
 
     def _handle(self, signum: int, _frame: object) -> None:
