@@ -27,11 +27,12 @@ from benchmarks.peers import TASKS
 from models import ArchSpec, count_params
 from search import space
 from search.data import SearchData, load_dataset, search_split
-from search.limits import Limits
 from search.profile import QUICK
+from search.sampler import START
 from search.trainer import TrainConfig, TrainingDiverged, train
 
 NAME = "start_settings"
+ASKS = 100_000  # under a 50k budget a random start fits about 1 ask in 80
 BATCH = max(QUICK.batch_sizes)  # the hand default's 256 is not a quick-profile batch size
 SHORT = TrainConfig(images=QUICK.images, crop_padding=0, flip=False)  # no augmentation
 # The candidates: the hand defaults of TrainConfig at the profile's largest batch; the
@@ -41,25 +42,11 @@ SHORT = TrainConfig(images=QUICK.images, crop_padding=0, flip=False)  # no augme
 STARTS = {
     "hand": TrainConfig(images=QUICK.images, batch_size=BATCH),
     "hand, no augmentation": replace(SHORT, batch_size=BATCH),
-    "sgd batch 32, no augmentation": replace(SHORT, batch_size=32, lr=0.05),
+    "sgd batch 32, no augmentation": replace(START, images=QUICK.images),  # the product's
     "adamw, no augmentation": replace(
         SHORT, batch_size=BATCH, optimizer="adamw", lr=2e-3, weight_decay=0.05
     ),
 }
-
-
-def first_candidates(seed: int, limits: Limits, data: SearchData, n: int) -> list[tuple]:
-    """The first `n` (trial number, spec, random settings) of a random start that fit."""
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    out = []
-    while len(out) < n:
-        trial = study.ask()
-        spec = space.suggest_arch(trial, data.shape, limits)
-        if limits.fits(spec):
-            cfg = space.suggest_training(trial, QUICK, len(data.train_y), seed)
-            out.append((trial.number, spec, cfg))
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    return out
 
 
 def measure(spec: ArchSpec, cfg: TrainConfig, data: SearchData) -> dict:
@@ -106,7 +93,9 @@ def main() -> None:
     data = search_split(load_dataset("fashion-mnist"), 0, QUICK.train_images, QUICK.val_images)
     for task in args.tasks:
         for seed in args.seeds:
-            for number, spec, random_cfg in first_candidates(seed, TASKS[task], data, args.archs):
+            fits = space.random_fits(data.shape, TASKS[task], QUICK, len(data.train_y), seed,
+                                     args.archs, ASKS)  # fmt: skip
+            for number, spec, random_cfg in fits:
                 for name, cfg in [("random", random_cfg), *STARTS.items()]:
                     if (task, seed, number, name) in done:
                         continue

@@ -91,10 +91,15 @@ def halve(
     return alive[0], rows
 
 
+def run_key(candidate: str, images: int) -> str:
+    """A choice run's name on the study (`choice_runs`, `choice_seconds`)."""
+    return f"{candidate} @ {images}"
+
+
 def spent(seconds: dict[str, float], rows: list[dict]) -> float | None:
     """The choice's training seconds; None when a run's time was not recorded (a choice
     begun before they were)."""
-    keys = [f"{r['candidate']} @ {r['images']}" for r in rows]
+    keys = [run_key(r["candidate"], r["images"]) for r in rows]
     return round(sum(seconds[k] for k in keys), 1) if all(k in seconds for k in keys) else None
 
 
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, float] = dict(study.user_attrs.get("choice_seconds", {}))
 
     def run(c: Candidate, length: int) -> float:
-        key = f"{c.name} @ {length}"
+        key = run_key(c.name, length)
         if key not in done:
             epochs = length / len(split.train_y)
             cfg = replace(c.cfg, images=length)

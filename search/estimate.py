@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import optuna
 import torch
 
 from models import ArchSpec
@@ -22,17 +21,10 @@ from search.worker import Search
 def estimate_trial_seconds(search: Search, samples: int = 24) -> tuple[float, float, float]:
     """(typical, fastest, slowest) seconds of a full trial here, for the candidates the space
     proposes first: their MACs, and this device's speed timed on two of them."""
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=search.seed))
-    found: list[tuple[int, ArchSpec, TrainConfig]] = []
-    for _ in range(20 * samples):
-        if len(found) == samples:
-            break
-        trial = study.ask()
-        spec = space.suggest_arch(trial, search.data.shape, search.limits)
-        if search.limits.fits(spec):
-            cfg = space.suggest_training(trial, search.profile, len(search.data.train_y), 0)
-            found.append((search.limits.measure(spec)["macs"], spec, cfg))
-        study.tell(trial, 0.0)
+    d, limits = search.data, search.limits
+    fits = space.random_fits(d.shape, limits, search.profile, len(d.train_y), search.seed,
+                             samples, 20 * samples)  # fmt: skip
+    found = [(limits.measure(spec)["macs"], spec, cfg) for _, spec, cfg in fits]
     if not found:  # the limits leave little room: time the smallest candidate
         spec = space.smallest(search.data.shape)
         found = [(search.limits.measure(spec)["macs"], spec, TrainConfig(batch_size=64))]

@@ -27,12 +27,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers._tpe.sampler import (
     _split_complete_trials,
     _split_pruned_trials,
@@ -81,7 +76,7 @@ class TrainedStartup(optuna.samplers.BaseSampler):
         self._now: optuna.samplers.BaseSampler = self._random
         self._start = training_params(start) if start and start_candidates > 0 else {}
         self._start_candidates = start_candidates
-        self._starts: dict[int, bool] = {}  # trial id -> trains with the start settings
+        self._decided: tuple[int, bool] = (-1, False)  # (trial id, with the start settings)
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         # A new trial: the study is read once for it, here or by TPE, into Optuna's per-ask
@@ -123,14 +118,14 @@ class TrainedStartup(optuna.samplers.BaseSampler):
         its first candidate the start settings (up to one per worker)."""
         if self._now is not self._random:
             return False
-        if trial._trial_id not in self._starts:
+        if self._decided[0] != trial._trial_id:  # one trial is asked at a time
             given = sum(
                 "optimizer" in t.params
                 for t in study._get_trials(deepcopy=False, states=_LIVE, use_cache=True)
                 if t.number != trial.number
             )
-            self._starts[trial._trial_id] = given < self._start_candidates
-        return self._starts[trial._trial_id]
+            self._decided = (trial._trial_id, given < self._start_candidates)
+        return self._decided[1]
 
     def after_trial(
         self,
@@ -147,16 +142,12 @@ class TrainedStartup(optuna.samplers.BaseSampler):
 
 
 def fitted(value: Any, dist: BaseDistribution) -> Any:
-    """`value` as a point of `dist`: a batch size the profile does not offer becomes the
-    largest one below it (else the smallest), a number outside a range its nearest end."""
-    if isinstance(dist, CategoricalDistribution):
-        if value in dist.choices:
-            return value
-        below = [c for c in dist.choices if isinstance(c, int | float) and c <= value]
-        return max(below) if below else min(dist.choices)
-    if isinstance(dist, FloatDistribution | IntDistribution):
-        return min(max(value, dist.low), dist.high)
-    return value
+    """`value` as a choice of `dist`: a batch size the profile does not offer becomes the
+    largest one below it (else the smallest). The start's other values are in the space."""
+    if not isinstance(dist, CategoricalDistribution) or value in dist.choices:
+        return value
+    below = [c for c in dist.choices if c <= value]
+    return max(below) if below else min(dist.choices)
 
 
 class _NewTrialsOnly(_GroupDecomposedSearchSpace):

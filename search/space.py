@@ -222,6 +222,25 @@ def training_params(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
+def random_fits(
+    shape: Shape, limits: Limits, profile: Profile, n_train: int, seed: int, n: int, asks: int
+) -> list[tuple[int, ArchSpec, TrainConfig]]:
+    """The first `n` candidates (trial number, architecture, training settings) that a
+    seeded random start proposes within the limits, in at most `asks` asks: what a
+    search's random start trains first."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    found: list[tuple[int, ArchSpec, TrainConfig]] = []
+    for _ in range(asks):
+        if len(found) == n:
+            break
+        trial = study.ask()
+        spec = suggest_arch(trial, shape, limits)
+        if limits.fits(spec):
+            found.append((trial.number, spec, suggest_training(trial, profile, n_train, 0)))
+        study.tell(trial, 0.0)
+    return found
+
+
 def check_room(shape: Shape, limits: Limits) -> None:
     """ValueError (what the smallest candidate costs) when nothing in the space fits."""
     floor = smallest(shape)
