@@ -389,6 +389,8 @@ def finish(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The search in a program that goes on after it (a benchmark, a notebook): the
+    program's signal handlers come back when it returns."""
     argv = sys.argv[1:] if argv is None else argv
     stop = Stop().install()
     try:
@@ -432,5 +434,5 @@ def search_main(argv: list[str], stop: Stop) -> int:
     return {"gave up": GAVE_UP, "failed": 1}.get(why, 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the process ends with the search: its handlers stay to the end
+    sys.exit(search_main(sys.argv[1:], Stop().install()))
