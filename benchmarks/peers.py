@@ -46,7 +46,8 @@ it counts as twice the wall clock); the best peer (of optuna, optuna-hyperband,
 smac, dehb: the highest median final best); `time_ratio_vs_best_peer` (the
 default's median time to the best peer's median final best over the best peer's
 own); and a Wilcoxon signed-rank test over seeds on final best. Results are saved
-after every run, per task; --resume skips the (method, seed) runs already saved.
+after every run, per task, each with its machine; --resume skips the (method, seed)
+runs already saved.
 Run it alone on the machine.
 """
 
@@ -72,7 +73,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from benchmarks.machine import save, saved_for_resume
+from benchmarks.machine import machine, save, saved_for_resume
 from benchmarks.search_efficiency import timed_search
 from models.spec import max_stages
 from search import space
@@ -458,6 +459,10 @@ def main() -> None:
         limits = TASKS[args.task]
         ds = load_dataset("fashion-mnist", args.data_dir)
         done = {(r["method"], r["seed"]) for r in task["runs"]}
+        here = machine("cpu")  # each run names its machine: a resume may mix comparable VMs
+        for t in tasks.values():
+            for r in t["runs"]:
+                r.setdefault("machine", saved.get("machine"))
         print(f"{args.task}: {limits.describe()}; {args.seconds:.0f} s a run", flush=True)
         data = search_split(ds, 0, QUICK.train_images, QUICK.val_images)  # the task's split
         for seed in args.seeds:
@@ -468,7 +473,7 @@ def main() -> None:
                     r = run_peer(method, seed, args.seconds, data, limits)
                 else:
                     r = run_optuna(method, seed, args.seconds, data, limits, args.start_candidates)
-                task["runs"].append(r)
+                task["runs"].append(r | {"machine": here})
                 task["summary"] = summarize(task["runs"], args.seconds)
                 save(args.name, {"tasks": tasks, "profile": QUICK.to_dict()}, "cpu")
     for name, t in tasks.items():
