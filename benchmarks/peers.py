@@ -13,7 +13,8 @@ were not tuned on).
 
 - default: `search.run`'s own loop and settings (search.worker.run_worker,
   its first candidate past the gate trained with the start settings, TPE after 10
-  trained candidates, the median rule after 1).
+  trained candidates, the median rule after 1). `--start-candidates` and
+  `--pruner-startup` vary it, to tune on other seeds than those reported.
 - optuna: the same loop with Optuna as a person sets it up by hand:
   `TPESampler(seed=seed)` and `MedianPruner()`, their defaults.
 - optuna-hyperband: `TPESampler(seed=seed)` and `HyperbandPruner(min_resource=3000,
@@ -83,7 +84,7 @@ from search.profile import QUICK
 from search.records import counts
 from search.sampler import START_CANDIDATES, make_sampler
 from search.signals import Stop
-from search.study import derived_seed, make_pruner
+from search.study import PRUNER_STARTUP, derived_seed, make_pruner
 from search.trainer import OutOfMemory, Stopped, TrainingDiverged, train
 from search.worker import Search
 
@@ -300,12 +301,13 @@ def run_optuna(
     data: SearchData,
     limits: Limits,
     start_candidates: int = START_CANDIDATES,
+    pruner_startup: int = PRUNER_STARTUP,
 ) -> dict:
     rungs = QUICK.rung_images()
     sampler: Callable[[int], optuna.samplers.BaseSampler]
     if method == "default":
         sampler = functools.partial(make_sampler, start_candidates=start_candidates)
-        pruner = make_pruner("median", rungs)
+        pruner = make_pruner("median", rungs, pruner_startup)
     elif method == "optuna":
         sampler, pruner = _tpe, optuna.pruners.MedianPruner()
     elif method == "optuna-hyperband":
@@ -332,7 +334,8 @@ def run_optuna(
           f"({c['complete']} complete, {c['pruned']} pruned), {c['rejected']} rejected",
           flush=True)  # fmt: skip
     out = {"method": method, "seed": seed, "curve": curve, "final_best": best, "counts": c}
-    return out | ({"start_candidates": start_candidates} if method == "default" else {})
+    ours = {"start_candidates": start_candidates, "pruner_startup": pruner_startup}
+    return out | (ours if method == "default" else {})
 
 
 def _tpe(seed: int) -> optuna.samplers.BaseSampler:
@@ -441,6 +444,12 @@ def main() -> None:
         default=START_CANDIDATES,
         help="default method: its first candidates that train with the start settings",
     )
+    ap.add_argument(
+        "--pruner-startup",
+        type=int,
+        default=PRUNER_STARTUP,
+        help="default method: trials that run to the end before the median rule prunes",
+    )
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
@@ -451,10 +460,12 @@ def main() -> None:
     task = tasks.setdefault(args.task, {"seconds_per_run": args.seconds, "runs": []})
     if task["seconds_per_run"] != args.seconds:
         ap.error(f"{args.task} was run at {task['seconds_per_run']} s a run, not {args.seconds}")
-    other = {r.get("start_candidates", 0) for r in task["runs"] if r["method"] == "default"}
-    if not args.summarize_only and other - {args.start_candidates}:
-        ap.error(f"{args.task}'s saved default runs used --start-candidates {sorted(other)}, "
-                 f"not {args.start_candidates}: use another --name")  # fmt: skip
+    ours = {(r.get("start_candidates", 0), r.get("pruner_startup", 1))
+            for r in task["runs"] if r["method"] == "default"}  # fmt: skip
+    if not args.summarize_only and ours - {(args.start_candidates, args.pruner_startup)}:
+        ap.error(f"{args.task}'s saved default runs used (--start-candidates, --pruner-startup) "
+                 f"{sorted(ours)}, not {(args.start_candidates, args.pruner_startup)}: use "
+                 "another --name")  # fmt: skip
     if not args.summarize_only:
         limits = TASKS[args.task]
         ds = load_dataset("fashion-mnist", args.data_dir)
@@ -472,7 +483,8 @@ def main() -> None:
                 if method in ("smac", "dehb"):
                     r = run_peer(method, seed, args.seconds, data, limits)
                 else:
-                    r = run_optuna(method, seed, args.seconds, data, limits, args.start_candidates)
+                    r = run_optuna(method, seed, args.seconds, data, limits,
+                                   args.start_candidates, args.pruner_startup)  # fmt: skip
                 task["runs"].append(r | {"machine": here})
                 task["summary"] = summarize(task["runs"], args.seconds)
                 save(args.name, {"tasks": tasks, "profile": QUICK.to_dict()}, "cpu")
