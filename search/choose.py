@@ -51,8 +51,16 @@ class Candidate:
 
 
 def candidates(trials: list[FrozenTrial], top: int = TOP) -> list[Candidate]:
-    """The front and the `top` best trials, each with the trial's and the hand settings."""
-    chosen = {t.number: t for t in [*pareto_front(trials), *ranked(trials)[:top]]}
+    """The front and the `top` best networks, each with the trial's and the hand settings.
+    A network that several trials trained (TPE refines a winner's learning rate) comes
+    once, as its best trial: a longer look at each copy would cost twice as much to
+    rank settings the short trial already ranked."""
+    best: dict[ArchSpec, FrozenTrial] = {}  # the best trial of each network, best first
+    for t in ranked(trials):
+        best.setdefault(trial_arch(t), t)
+    top_nets = list(best.values())[:top]
+    chosen = {best[trial_arch(t)].number: best[trial_arch(t)] for t in pareto_front(trials)}
+    chosen |= {t.number: t for t in top_nets}
     out = []
     for number in sorted(chosen):
         t = chosen[number]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 from search import choose
 from search.choose import ETA, Candidate, candidates, halve, rung_lengths
+from search.records import ranked, trial_arch
 from search.study import open_study
 from search.trainer import TrainConfig
 
@@ -31,6 +33,25 @@ def test_halving_keeps_the_best_third_at_each_rung_and_trains_each_once() -> Non
     assert [len([r for r in rows if r["rung"] == k]) for k in (1, 2, 3)] == [10, 4, 2]
     assert len(calls) == len(set(calls)) == 16
     assert winner.name == "trial 2 with hand settings"  # 2.5: the best
+
+
+def test_a_network_several_trials_trained_is_a_candidate_once(tmp_path) -> None:
+    """The final_choice benchmark's study: trials 89 and 90 trained one network with
+    learning rates 0.079 and 0.068; the choice looks longer at it once, as trial 90 (the
+    better), and the third best network takes the place the copy held."""
+    db = tmp_path / "study.db"
+    shutil.copy(Path(__file__).parents[1] / "benchmarks/results/final_choice-study.db", db)
+    trials = open_study(f"sqlite:///{db}", "final-choice-s0", create=False).get_trials()
+    by_number = {t.number: t for t in trials}
+    assert trial_arch(by_number[89]) == trial_arch(by_number[90])
+    cands = candidates(trials, top=3)
+    nets = [c.spec for c in cands if c.settings == "trial"]
+    assert len(nets) == len(set(nets)) and len(cands) == 2 * len(nets)
+    assert 90 in {c.trial for c in cands} and 89 not in {c.trial for c in cands}
+    ranked_nets = {}
+    for t in ranked(trials):
+        ranked_nets.setdefault(trial_arch(t), t.number)
+    assert set(list(ranked_nets.values())[:3]) <= {c.trial for c in cands}
 
 
 def test_choose_writes_the_chosen_network_and_settings_and_resumes(finished, tmp_path, capsys):
