@@ -8,6 +8,7 @@ from pathlib import Path
 
 from search import choose
 from search.choose import ETA, Candidate, candidates, halve, rung_lengths
+from search.data import load_dataset, search_split
 from search.records import ranked, trial_arch
 from search.study import open_study
 from search.trainer import TrainConfig
@@ -76,7 +77,12 @@ def test_choose_writes_the_chosen_network_and_settings_and_resumes(finished, tmp
     assert row["validation"] == top and choice["images_trained"] == n * length
     assert best["training"]["seed"] is not None and best["horizon"]["epochs"] == 3
     assert "ship: trial" in text and "--epochs 3 --seeds 3" in text
-    assert text.count("validation") == n
+    # Its runs see the whole training set less the held-out images, and all of those.
+    settings = study.user_attrs["settings"]
+    whole = search_split(load_dataset(settings["dataset"]), settings["seed"])
+    assert len(whole.train_y) > settings["train_images"]  # the trials' subset: 512
+    assert f"on {len(whole.train_y):,} training and {len(whole.val_y):,} validation" in text
+    assert text.count("): validation") == n
     # Run again: every run is on the study already, nothing trains, the same choice.
     assert choose.main(argv) == 0
     again = capsys.readouterr().out
