@@ -62,9 +62,8 @@ def candidates(trials: list[FrozenTrial], top: int = TOP) -> list[Candidate]:
     best: dict[ArchSpec, FrozenTrial] = {}  # the best trial of each network, best first
     for t in ranked(trials):
         best.setdefault(trial_arch(t), t)
-    top_nets = list(best.values())[:top]
-    chosen = {best[trial_arch(t)].number: best[trial_arch(t)] for t in pareto_front(trials)}
-    chosen |= {t.number: t for t in top_nets}
+    # a front trial is already its network's best: the most accurate of its size
+    chosen = {t.number: t for t in [*pareto_front(trials), *list(best.values())[:top]]}
     out = []
     for number in sorted(chosen):
         t = chosen[number]
@@ -158,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{horizon.train_images:,} training images ({horizon.images:,} images), on "
         f"{len(split.train_y):,} training and {len(split.val_y):,} validation images"
     )
+    on = split_name(split)
     done: dict[str, float] = dict(study.user_attrs.get("choice_runs", {}))
     seconds: dict[str, float] = dict(study.user_attrs.get("choice_seconds", {}))
 
     def run(c: Candidate, length: int) -> float:
-        key = run_key(c.name, length, split_name(split))
+        key = run_key(c.name, length, on)
         if key not in done:
             epochs = length / len(split.train_y)
             cfg = replace(c.cfg, images=length)
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "rungs": rows,
         "images_trained": sum(r["images"] for r in rows),
         # its runs' training time, those of earlier calls too (a resumed choice ran them)
-        "seconds": spent(seconds, rows, split_name(split)),
+        "seconds": spent(seconds, rows, on),
     }
     study.set_user_attr("choice", {k: v for k, v in choice.items() if k != "rungs"})
     export = export_trial(study, trial) | {"training": winner.cfg.to_dict(), "choice": choice}
