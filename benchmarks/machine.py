@@ -82,14 +82,17 @@ def result_path(name: str, device: str = "cpu") -> Path:
     return RESULTS / f"{name}-{tag}.json"
 
 
-def save(name: str, result: dict[str, Any], device: str = "cpu") -> Path:
-    """Write the result with the machine and the date (see `result_path`)."""
+def save(
+    name: str, result: dict[str, Any], device: str = "cpu", info: dict[str, Any] | None = None
+) -> Path:
+    """Write the result with the machine (`info`, when already measured: a CPU's reading
+    times a trial) and the date (see `result_path`)."""
     path = result_path(name, device)
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": name,
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(device),
+        "machine": info or machine(device),
         **result,
     }
     path.write_text(json.dumps(record, indent=2) + "\n")

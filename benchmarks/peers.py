@@ -487,7 +487,7 @@ def main() -> None:
                                    args.start_candidates, args.pruner_startup)  # fmt: skip
                 task["runs"].append(r | {"machine": here})
                 task["summary"] = summarize(task["runs"], args.seconds)
-                save(args.name, {"tasks": tasks, "profile": QUICK.to_dict()}, "cpu")
+                save(args.name, {"tasks": tasks, "profile": QUICK.to_dict()}, "cpu", here)
     for name, t in tasks.items():
         t["summary"] = summarize(t["runs"], t["seconds_per_run"])
         print(f"{name}:")
