@@ -29,12 +29,14 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
+import os
 import queue
 import statistics
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 
@@ -118,11 +120,11 @@ def worker(url: str, name: str, cap: int, seconds: float, index: int, out: mp.Qu
         search = Waiting(
             data, Limits(5_000_000, QUICK.max_macs), QUICK, 0, torch.device("cpu"), ahead=True
         )
-        begin = time.time()
+        begin, cpu = time.time(), time.process_time()
         run_worker(study, search, TimedSlots(study, cap, url), Stop(), url=url)
-        end = time.time()
+        end, cpu = time.time(), time.process_time() - cpu
         out.put(
-            {"worker": index, "begin": begin, "end": end, "waits": waits,
+            {"worker": index, "begin": begin, "end": end, "waits": waits, "cpu_seconds": cpu,
              "storage_seconds": timer.seconds, "storage_calls": timer.calls,
              "slot_wait_seconds": TimedSlots.waited, "error": None}
         )  # fmt: skip
@@ -150,6 +152,25 @@ def overhead_as_it_grows(reports: list[dict], marks: tuple[int, ...]) -> dict[st
     return out
 
 
+def postgres_cpu_seconds() -> float | None:
+    """CPU seconds the local PostgreSQL's processes have used: the live ones', and those
+    of ended ones (connections closed), which their parent reaped; None if none is here."""
+    tick, total, found = os.sysconf("SC_CLK_TCK"), 0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # ended meanwhile
+            continue
+        if "(postgres)" not in text:
+            continue
+        found = True
+        fields = text.rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if fields[1] != "postgres":  # the server's first process: reaped children
+            total += int(fields[13]) + int(fields[14])
+    return total / tick if found else None
+
+
 def measure(url: str, workers: int, cap: int, seconds: float) -> dict:
     from search.records import counts
     from search.slots import is_trained
@@ -162,7 +183,7 @@ def measure(url: str, workers: int, cap: int, seconds: float) -> dict:
     poller.start()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    t0 = time.time()
+    t0, db0 = time.time(), postgres_cpu_seconds()
     procs = [
         ctx.Process(target=worker, args=(url, name, cap, seconds, i, out)) for i in range(workers)
     ]
@@ -179,7 +200,7 @@ def measure(url: str, workers: int, cap: int, seconds: float) -> dict:
                 )
     for p in procs:
         p.join()
-    wall = time.time() - t0
+    wall, db1 = time.time() - t0, postgres_cpu_seconds()
     done.set()
     poller.join()
     trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
@@ -219,6 +240,19 @@ def measure(url: str, workers: int, cap: int, seconds: float) -> dict:
         ),
         "wall_seconds": round(wall, 1),
     }
+    # The CPU the service takes per trained trial (the workers' processes, all threads,
+    # and the database), and the cores it would take to keep the workers in trials 95%
+    # of the time: a machine with fewer is CPU-bound, whatever the design.
+    cpu = sum(r["cpu_seconds"] for r in ok)
+    db = db1 - db0 if db0 is not None and db1 is not None else 0.0
+    result |= {
+        "worker_cpu_seconds_per_trained_trial": round(cpu / n, 4),
+        "db_cpu_seconds_per_trained_trial": round(db / n, 4) if db0 is not None else None,
+        "cores_needed_for_5pct_idle": round((cpu + db) * 0.95 * workers / waited, 2)
+        if waited
+        else None,
+        "cores": os.cpu_count(),
+    }
     print(
         f"{workers:3d} workers, {seconds} s trials: {c['trained']} trained ({c['rejected']} "
         f"rejected, {c['running']} running, {c['failed']} failed), idle "
@@ -228,7 +262,9 @@ def measure(url: str, workers: int, cap: int, seconds: float) -> dict:
         f"{inside / n:.4f} s); storage {result['storage_calls_per_trained_trial']} "
         f"calls / {result['storage_seconds_per_trained_trial']} s, slot waits "
         f"{result['slot_wait_seconds_per_trained_trial']} s per trial; lost {result['lost']}, "
-        f"duplicated {result['duplicated']}, peak {peak[0]} connections, wall {wall:.0f} s",
+        f"duplicated {result['duplicated']}, peak {peak[0]} connections, wall {wall:.0f} s; "
+        f"CPU per trial {cpu / n:.3f} s workers + {db / n:.3f} s database: "
+        f"{result['cores_needed_for_5pct_idle']} cores for 5% idle ({os.cpu_count()} here)",
         flush=True,
     )
     return result

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
+from search.cache import rdb_of
 from search.draft import is_draft, write
 from search.signals import critical
 from search.study import MAX_RETRY, SLOT, Retry, study_lock
@@ -33,6 +35,32 @@ def slot_holders(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """Trials that hold a slot: trained, training, or waiting to be retried."""
     live = (TrialState.RUNNING, TrialState.WAITING)
     return [t for t in trials if SLOT in t.user_attrs and (t.state in live or is_trained(t))]
+
+
+def count_holders(study: optuna.Study) -> int:
+    """`len(slot_holders(...))` of the study as the database has it now: counted there on
+    an RDB storage (exact whatever a worker's cache holds: search.cache), read otherwise.
+    """
+    rdb = rdb_of(study._storage)
+    if rdb is None:
+        return len(slot_holders(study.get_trials(deepcopy=False)))
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    trial, attr = models.TrialModel, models.TrialUserAttributeModel
+
+    def has(key: str) -> sqlalchemy.Exists:
+        return sqlalchemy.exists().where(attr.trial_id == trial.trial_id, attr.key == key)
+
+    live = trial.state.in_([TrialState.RUNNING, TrialState.WAITING])
+    trained = sqlalchemy.and_(
+        trial.state.in_([TrialState.COMPLETE, TrialState.PRUNED]), ~has("rejected")
+    )
+    query = sqlalchemy.select(sqlalchemy.func.count()).where(
+        trial.study_id == study._study_id, has(SLOT), sqlalchemy.or_(live, trained)
+    )
+    with _create_scoped_session(rdb.scoped_session) as session:
+        return session.execute(query).scalar_one()
 
 
 class Slots:
@@ -54,7 +82,7 @@ class Slots:
         if SLOT in trial.user_attrs:
             return trial
         with study_lock(self.url, self.study.study_name):
-            held = len(slot_holders(self.study.get_trials(deepcopy=False)))
+            held = count_holders(self.study)
             if held >= self.cap:
                 return None
             if not is_draft(trial):

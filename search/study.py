@@ -28,6 +28,8 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial
 
+from search.cache import Cache
+
 # Heartbeat, group, fail_stale_trials and the retry callback are marked experimental in
 # Optuna; they are deliberate choices here, so the warnings are noise for a user. The
 # worker runs the storage's heartbeat around each trial itself (`heartbeat` below), as
@@ -105,8 +107,9 @@ class Retry(RetryHeartbeatStaleTrialCallback):
 Heartbeat = tuple[int, int] | None  # (interval, grace period) in seconds; None: off
 
 
-def make_storage(url: str, heartbeat: Heartbeat = (HEARTBEAT_S, GRACE_S)) -> RDBStorage:
-    """An RDBStorage with pool settings fit for one worker process."""
+def make_storage(url: str, heartbeat: Heartbeat = (HEARTBEAT_S, GRACE_S)) -> Cache:
+    """An RDBStorage with pool settings fit for one worker process, in the cache Optuna
+    would wrap it in (one that a worker can make `steady`: search.cache)."""
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
@@ -135,7 +138,7 @@ def make_storage(url: str, heartbeat: Heartbeat = (HEARTBEAT_S, GRACE_S)) -> RDB
             "heartbeat_stale_trial_callback": Retry(MAX_RETRY),
         }
     try:
-        return open_rdb(url, engine_kwargs, hb)
+        return Cache(open_rdb(url, engine_kwargs, hb))
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as e:
         reason = str(e).splitlines()[0]
         if url in reason:

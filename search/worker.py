@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from models import ArchSpec
 from search import space
+from search.cache import steady
 from search.data import SearchData
 from search.draft import Training, ask_again, drafting, is_draft, record, training, write
 from search.env import device_name
@@ -270,6 +271,8 @@ class Loop:
     def __post_init__(self) -> None:
         self.drafts = drafting(self.study)  # a new trial is written once, not per suggest
         self.training = training(self.drafts)  # a trial's rungs: no round trip
+        # running trials then change in the database only as they end: read them so
+        steady(self.study._storage, on=self.training is not None)
 
     def ahead(
         self, told: Outcome | None, block: bool, out: Future[Ready | str | None], keep: bool

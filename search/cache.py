@@ -1,0 +1,109 @@
+"""A study's trials as a worker reads them: each trial read whole once, and again only
+when its state changes.
+
+Optuna wraps its RDB storage in `_CachedStorage`, which keeps the finished trials and
+reads every unfinished one again, whole, on each read of the study. With 16 workers
+that is 16 running trials of some 40 rows each, six queries and about 15 ms of a
+core per read, several reads per proposal: most of a worker's time between trials
+(benchmarks/README.md#service-overhead). A trial a worker drafted does not change in
+the database while it runs (search.draft: its reports stay in its worker until it is
+told), so in `steady` mode a read first asks for the states of the trials held
+unfinished and the ids of trials newer than any held (one small query) and reads
+whole only those that are new, whose state changed, or that this worker wrote to.
+
+What another worker's running trial writes while its state stays (a queued trial's
+parameters as it samples them, its slot, the halving rules' rung marks, reports made
+to the study) is seen here when it ends, so `steady` is on only in a worker whose study drafts
+(`search.worker.Loop`), and the slot count that must be exact is counted in the
+database (`search.slots.Slots.claim`). New trials are found by id: a trial's id is
+taken under the study's row lock (Optuna's `_create_new_trial`, `search.draft.insert`),
+so ids are committed in order and none appears below one already read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy
+from optuna.storages import BaseStorage, RDBStorage
+from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.trial import TrialState
+
+
+class Cache(_CachedStorage):
+    """Optuna's cached RDB storage; with `steady`, running trials are read again only when
+    their state changes."""
+
+    def __init__(self, backend: RDBStorage) -> None:
+        super().__init__(backend)
+        self.steady = False
+        self.written: set[int] = set()  # running trials this worker wrote to: read again
+
+    def set_trial_param(self, trial_id: int, *args: Any) -> None:
+        super().set_trial_param(trial_id, *args)
+        self.written.add(trial_id)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        super().set_trial_user_attr(trial_id, key, value)
+        self.written.add(trial_id)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        super().set_trial_system_attr(trial_id, key, value)
+        self.written.add(trial_id)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, value: float) -> None:
+        super().set_trial_intermediate_value(trial_id, step, value)
+        self.written.add(trial_id)
+
+    def _read_trials_from_remote_storage(self, study_id: int) -> None:
+        if not self.steady:
+            self.written.clear()
+            return super()._read_trials_from_remote_storage(study_id)
+        with self._lock:
+            study = self._studies.setdefault(study_id, _StudyInfo())
+            newest = max([study.last_finished_trial_id, *study.unfinished_trial_ids])
+            found = self._states(study_id, newest, study.unfinished_trial_ids)
+            changed = {i for i, s in found.items() if i <= newest and self._state(i) != s}
+            changed |= self.written & study.unfinished_trial_ids
+            self.written.clear()
+            if not changed and all(i <= newest for i in found):
+                return
+            trials = self._backend._get_trials(study_id, None, changed, newest)
+            self._add_trials_to_cache(study_id, trials)
+            for t in trials:
+                if t.state.is_finished():
+                    study.unfinished_trial_ids.discard(t._trial_id)
+                    study.last_finished_trial_id = max(study.last_finished_trial_id, t._trial_id)
+                else:
+                    study.unfinished_trial_ids.add(t._trial_id)
+
+    def _states(self, study_id: int, newest: int, held: set[int]) -> dict[int, TrialState]:
+        """The states of the trials `held` and of every trial newer than `newest`."""
+        trial = models.TrialModel
+        query = sqlalchemy.select(trial.trial_id, trial.state).where(
+            trial.study_id == study_id,
+            sqlalchemy.or_(trial.trial_id > newest, trial.trial_id.in_(held)),
+        )
+        with _create_scoped_session(self._backend.scoped_session) as session:
+            return {i: s for i, s in session.execute(query)}
+
+    def _state(self, trial_id: int) -> TrialState:
+        study_id, number = self._trial_id_to_study_id_and_number[trial_id]
+        return self._studies[study_id].trials[number].state
+
+
+def steady(storage: BaseStorage, on: bool = True) -> None:
+    """Turn `Cache.steady` on (or off) for `storage`, or for the cache a draft storage
+    wraps; nothing for other storages."""
+    cache = getattr(storage, "backend", storage)  # under search.draft.DraftStorage
+    if isinstance(cache, Cache):
+        cache.steady = on
+
+
+def rdb_of(storage: BaseStorage) -> RDBStorage | None:
+    """The RDB storage under `storage` (a draft storage, a cache); None if there is none."""
+    storage = getattr(storage, "backend", storage)  # under search.draft.DraftStorage
+    storage = getattr(storage, "_backend", storage)  # under Optuna's _CachedStorage
+    return storage if isinstance(storage, RDBStorage) else None
