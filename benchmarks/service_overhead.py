@@ -19,9 +19,12 @@ at 100, 1,000 and 2,000 trained trials (the gap before each trial, counted at
 the study's size when it started), its parts (storage calls of the worker's
 main thread; waiting in `Slots.wait` while no trial trains; a worker that
 proposes ahead also waits on its ahead thread, which neither part counts), the
-exact count, lost and duplicated slots, and the peak number of database
-connections. Run it alone on the machine: on 2 cores, 16 processes also wait
-for the CPU.
+exact count, lost and duplicated slots, the peak number of database
+connections, and the CPU the service takes per trained trial (the workers'
+processes and the local PostgreSQL's) with the cores that CPU needs for the
+workers to be in a trial 95% of the time: where the machine has fewer, the
+idle fraction measures the machine. Run it alone on the machine: on 2 cores,
+16 processes also wait for the CPU.
 """
 
 from __future__ import annotations

@@ -22,14 +22,19 @@ so ids are committed in order and none appears below one already read.
 
 from __future__ import annotations
 
+import datetime
+import functools
+import json
+from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy
+from optuna.distributions import BaseDistribution, json_to_distribution
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 
 class Cache(_CachedStorage):
@@ -70,7 +75,7 @@ class Cache(_CachedStorage):
             self.written.clear()
             if not changed and all(i <= newest for i in found):
                 return
-            trials = self._backend._get_trials(study_id, None, changed, newest)
+            trials = read_whole(self._backend, study_id, changed, newest)
             self._add_trials_to_cache(study_id, trials)
             for t in trials:
                 if t.state.is_finished():
@@ -92,6 +97,71 @@ class Cache(_CachedStorage):
     def _state(self, trial_id: int) -> TrialState:
         study_id, number = self._trial_id_to_study_id_and_number[trial_id]
         return self._studies[study_id].trials[number].state
+
+
+def read_whole(rdb: RDBStorage, study_id: int, ids: set[int], newer: int) -> list[FrozenTrial]:
+    """The trials `ids` and those newer than `newer`, whole, as Optuna's `_get_trials` reads
+    them, in six plain queries: without its ORM objects (a Python object per row, and a
+    JSON parse per parameter of every trial for its distribution), a read costs a
+    fraction of the CPU. Ordered by id."""
+    m, t = models, models.TrialModel
+    wanted = sqlalchemy.select(t.trial_id).where(
+        t.study_id == study_id, sqlalchemy.or_(t.trial_id > newer, t.trial_id.in_(ids))
+    )
+
+    def of(model: Any, *columns: str) -> sqlalchemy.Select:
+        cols = [getattr(model, c) for c in ("trial_id", *columns)]
+        return sqlalchemy.select(*cols).where(model.trial_id.in_(wanted))
+
+    def rows_of(query: sqlalchemy.Select) -> Iterator[Any]:
+        """A statement's rows, of the trials the first one found (one committed since is
+        read at the next read; a state it changed since is found then too)."""
+        return (row for row in session.execute(query) if row[0] in parts)
+
+    inter = m.TrialIntermediateValueModel
+    with _create_scoped_session(rdb.scoped_session) as session:
+        rows = {i: row for i, *row in session.execute(
+            of(t, "number", "state", "_datetime_start_utc", "_datetime_complete_utc"))}  # fmt: skip
+        parts: dict[int, dict[str, dict]] = {
+            i: {"values": {}, "params": {}, "dists": {}, "user": {}, "system": {}, "inter": {}}
+            for i in rows
+        }
+        for i, k, value, kind in rows_of(of(m.TrialValueModel, "objective", "value",
+                                                    "value_type")):  # fmt: skip
+            parts[i]["values"][k] = m.TrialValueModel.stored_repr_to_value(value, kind)
+        params = of(m.TrialParamModel, "param_name", "param_value", "distribution_json")
+        for i, name, value, text in rows_of(params.order_by(m.TrialParamModel.param_id)):
+            d = parts[i]["dists"][name] = _distribution(text)
+            parts[i]["params"][name] = d.to_external_repr(value)
+        for i, key, text in rows_of(of(m.TrialUserAttributeModel, "key", "value_json")):
+            parts[i]["user"][key] = json.loads(text)
+        for i, key, text in rows_of(of(m.TrialSystemAttributeModel, "key", "value_json")):
+            parts[i]["system"][key] = json.loads(text)
+        steps = of(inter, "step", "intermediate_value", "intermediate_value_type")
+        for i, step, value, kind in rows_of(steps):
+            parts[i]["inter"][step] = inter.stored_repr_to_intermediate_value(value, kind)
+    out = []
+    for i in sorted(rows):
+        number, state, start, end = rows[i]
+        p = parts[i]
+        values = [p["values"][k] for k in sorted(p["values"])] or None
+        out.append(FrozenTrial(number, state, None, _local(start), _local(end), p["params"],
+                               p["dists"], p["user"], p["system"], p["inter"], i,
+                               values=values))  # fmt: skip
+    return out
+
+
+def _local(utc: datetime.datetime | None) -> datetime.datetime | None:
+    """A stored naive-UTC time as the naive local time Optuna's trials carry."""
+    if utc is None:
+        return None
+    return utc.replace(tzinfo=datetime.UTC).astimezone().replace(tzinfo=None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _distribution(text: str) -> BaseDistribution:
+    """A parameter's distribution, parsed once per process: a space has a few dozen."""
+    return json_to_distribution(text)
 
 
 def steady(storage: BaseStorage, on: bool = True) -> None:

@@ -10,7 +10,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from search.cache import Cache, steady
+import search.cache
+from search.cache import Cache, read_whole, steady
 from search.slots import count_holders, slot_holders
 from search.study import SLOT, make_storage
 
@@ -59,8 +60,7 @@ def test_a_steady_read_with_nothing_new_reads_no_trial_whole(url, monkeypatch):
     cache = reader._storage
     assert isinstance(cache, Cache)
     whole = []
-    real = cache._backend._get_trials
-    monkeypatch.setattr(cache._backend, "_get_trials", lambda *a: whole.append(a) or real(*a))
+    monkeypatch.setattr(search.cache, "read_whole", lambda *a: whole.append(a) or read_whole(*a))
     reader.get_trials()
     assert whole == []  # three running trials, none changed: only their states were read
     writer.tell(writer.trials[0].number, 0.25)
@@ -102,3 +102,35 @@ def test_the_slot_count_in_the_database_is_the_holders_of_every_kind(url):
     assert len(truth) == 5
     assert len(slot_holders(reader.get_trials())) == 4  # the steady cache lags
     assert count_holders(reader) == len(truth)
+
+
+def test_a_whole_read_is_the_trials_optuna_reads(url):
+    """`read_whole` (plain queries) against Optuna's own `_get_trials` (its ORM), on
+    trials of every state with parameters of every kind, attributes and reports."""
+    writer, _ = two_workers(url)
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("lr", 1e-4, 1.0, log=True)
+        trial.suggest_int("blocks", 1, 4)
+        trial.suggest_categorical("act", ["relu", "silu"])
+        trial.set_user_attr("training", {"lr": x, "epochs": [1, 2]})
+        trial.report(float("inf") if trial.number == 1 else x, 100)
+        if trial.number == 2:
+            raise optuna.TrialPruned
+        if trial.number == 3:
+            raise RuntimeError("failed")
+        return -x if trial.number else float("-inf")
+
+    writer.optimize(objective, n_trials=5, catch=(RuntimeError,))
+    writer.enqueue_trial({"blocks": 2}, user_attrs={SLOT: 1})
+    writer.ask().suggest_float("lr", 1e-4, 1.0, log=True)  # running
+    writer.enqueue_trial({"blocks": 3})  # waiting
+    rdb, study_id = writer._storage._backend, writer._study_id
+    ours, optunas = read_whole(rdb, study_id, set(), -1), rdb._get_trials(study_id, None, set(), -1)
+    assert [t.state for t in ours] == [TrialState.COMPLETE, TrialState.COMPLETE,
+                                       TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE,
+                                       TrialState.RUNNING, TrialState.WAITING]  # fmt: skip
+    assert ours == optunas
+    assert [t.datetime_start for t in ours] == [t.datetime_start for t in optunas]
+    some = read_whole(rdb, study_id, {ours[1]._trial_id}, ours[4]._trial_id)
+    assert some == [ours[1], ours[5], ours[6]]
