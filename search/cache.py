@@ -7,17 +7,21 @@ that is 16 running trials of some 40 rows each, six queries and about 15 ms of a
 core per read, several reads per proposal: most of a worker's time between trials
 (benchmarks/README.md#service-overhead). A trial a worker drafted does not change in
 the database while it runs (search.draft: its reports stay in its worker until it is
-told), so in `steady` mode a read first asks for the states of the trials held
-unfinished and the ids of trials newer than any held (one small query) and reads
-whole only those that are new, whose state changed, or that this worker wrote to.
+told), so a steady cache first asks for the states of the trials it holds
+unfinished and the ids of trials newer than any it holds (one small query), and
+reads whole only those that are new, whose state changed, that this worker wrote to,
+or that are not yet settled: a queued trial (a retry, a preset) is taken RUNNING
+and gets its slot and process only later, which a worker counting slots or looking
+for dead workers must see (`search.worker.settled`).
 
-What another worker's running trial writes while its state stays (a queued trial's
-parameters as it samples them, its slot, the halving rules' rung marks, reports made
-to the study) is seen here when it ends, so `steady` is on only in a worker whose study drafts
-(`search.worker.Loop`), and the slot count that must be exact is counted in the
-database (`search.slots.Slots.claim`). New trials are found by id: a trial's id is
-taken under the study's row lock (Optuna's `_create_new_trial`, `search.draft.insert`),
-so ids are committed in order and none appears below one already read.
+What another worker's settled running trial writes while its state stays (a queued
+trial's parameters as it samples them, the halving rules' rung marks, reports made
+to the study) is seen here when it ends, so a worker is steady only when its study
+drafts and its pruner is not a halving rule (`search.worker.Loop`), and the slot
+count that must be exact is counted in the database (`search.slots.Slots.claim`).
+New trials are found by id: a trial's id is taken under the study's row lock
+(Optuna's `_create_new_trial`, `search.draft.insert`), so ids are committed in
+order and none appears below one already read.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlalchemy
@@ -38,40 +42,51 @@ from optuna.trial import FrozenTrial, TrialState
 
 
 class Cache(_CachedStorage):
-    """Optuna's cached RDB storage; with `steady`, running trials are read again only when
-    their state changes."""
+    """Optuna's cached RDB storage; made steady (`steady`), a running trial is read again
+    only when its state changes, until it is settled, or after this process wrote to it."""
 
     def __init__(self, backend: RDBStorage) -> None:
         super().__init__(backend)
-        self.steady = False
+        # None: Optuna's reads. Else steady, and a running trial for which it is False is
+        # read again at every read (a queued trial whose worker has not yet written its
+        # slot and process: search.worker.settled).
+        self.settled: Callable[[FrozenTrial], bool] | None = None
         self.written: set[int] = set()  # running trials this worker wrote to: read again
+
+    def _wrote(self, trial_id: int) -> None:
+        with self._lock:  # the ahead thread writes while the main thread reads, and back
+            self.written.add(trial_id)
 
     def set_trial_param(self, trial_id: int, *args: Any) -> None:
         super().set_trial_param(trial_id, *args)
-        self.written.add(trial_id)
+        self._wrote(trial_id)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         super().set_trial_user_attr(trial_id, key, value)
-        self.written.add(trial_id)
+        self._wrote(trial_id)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         super().set_trial_system_attr(trial_id, key, value)
-        self.written.add(trial_id)
+        self._wrote(trial_id)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, value: float) -> None:
         super().set_trial_intermediate_value(trial_id, step, value)
-        self.written.add(trial_id)
+        self._wrote(trial_id)
 
     def _read_trials_from_remote_storage(self, study_id: int) -> None:
-        if not self.steady:
-            self.written.clear()
+        settled = self.settled
+        if settled is None:
+            with self._lock:
+                self.written.clear()
             return super()._read_trials_from_remote_storage(study_id)
         with self._lock:
             study = self._studies.setdefault(study_id, _StudyInfo())
-            newest = max([study.last_finished_trial_id, *study.unfinished_trial_ids])
-            found = self._states(study_id, newest, study.unfinished_trial_ids)
-            changed = {i for i, s in found.items() if i <= newest and self._state(i) != s}
-            changed |= self.written & study.unfinished_trial_ids
+            held = study.unfinished_trial_ids
+            newest = max([study.last_finished_trial_id, *held])
+            found = self._states(study_id, newest, held)
+            changed = {i for i, s in found.items() if i <= newest and self._cached(i).state != s}
+            changed |= self.written & held
+            changed |= {i for i in held if not settled(self._cached(i))}
             self.written.clear()
             if not changed and all(i <= newest for i in found):
                 return
@@ -79,10 +94,10 @@ class Cache(_CachedStorage):
             self._add_trials_to_cache(study_id, trials)
             for t in trials:
                 if t.state.is_finished():
-                    study.unfinished_trial_ids.discard(t._trial_id)
+                    held.discard(t._trial_id)
                     study.last_finished_trial_id = max(study.last_finished_trial_id, t._trial_id)
                 else:
-                    study.unfinished_trial_ids.add(t._trial_id)
+                    held.add(t._trial_id)
 
     def _states(self, study_id: int, newest: int, held: set[int]) -> dict[int, TrialState]:
         """The states of the trials `held` and of every trial newer than `newest`."""
@@ -94,9 +109,9 @@ class Cache(_CachedStorage):
         with _create_scoped_session(self._backend.scoped_session) as session:
             return {i: s for i, s in session.execute(query)}
 
-    def _state(self, trial_id: int) -> TrialState:
+    def _cached(self, trial_id: int) -> FrozenTrial:
         study_id, number = self._trial_id_to_study_id_and_number[trial_id]
-        return self._studies[study_id].trials[number].state
+        return self._studies[study_id].trials[number]
 
 
 def read_whole(rdb: RDBStorage, study_id: int, ids: set[int], newer: int) -> list[FrozenTrial]:
@@ -164,12 +179,12 @@ def _distribution(text: str) -> BaseDistribution:
     return json_to_distribution(text)
 
 
-def steady(storage: BaseStorage, on: bool = True) -> None:
-    """Turn `Cache.steady` on (or off) for `storage`, or for the cache a draft storage
-    wraps; nothing for other storages."""
+def steady(storage: BaseStorage, settled: Callable[[FrozenTrial], bool] | None) -> None:
+    """Make the cache under `storage` (itself, or what a draft storage wraps) steady, with
+    `settled` (`Cache.settled`; None: Optuna's reads again); nothing for other storages."""
     cache = getattr(storage, "backend", storage)  # under search.draft.DraftStorage
     if isinstance(cache, Cache):
-        cache.steady = on
+        cache.settled = settled
 
 
 def rdb_of(storage: BaseStorage) -> RDBStorage | None:

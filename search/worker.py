@@ -37,7 +37,7 @@ from search.records import attach
 from search.sampler import make_sampler
 from search.signals import Stop, critical
 from search.slots import Slots, this_process
-from search.study import derived_seed, heartbeat, join
+from search.study import SLOT, derived_seed, heartbeat, join
 from search.trainer import (
     EvalStats,
     OutOfMemory,
@@ -108,6 +108,12 @@ class Search:
             on_eval=on_eval,
             stop=None if stop is None else stop.event,
         )
+
+
+def settled(t: FrozenTrial) -> bool:
+    """Whether what other workers need of a trial is written: a running one's slot and
+    process (a queued trial gets them after it is taken: `propose`, `Loop.claim`)."""
+    return t.state != TrialState.RUNNING or (SLOT in t.user_attrs and "process" in t.user_attrs)
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -272,7 +278,8 @@ class Loop:
         self.drafts = drafting(self.study)  # a new trial is written once, not per suggest
         self.training = training(self.drafts)  # a trial's rungs: no round trip
         # running trials then change in the database only as they end: read them so
-        steady(self.study._storage, on=self.training is not None)
+        halving = isinstance(self.study.pruner, optuna.pruners.SuccessiveHalvingPruner)
+        steady(self.study._storage, settled if self.training is not None and not halving else None)
 
     def ahead(
         self, told: Outcome | None, block: bool, out: Future[Ready | str | None], keep: bool

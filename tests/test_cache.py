@@ -14,6 +14,7 @@ import search.cache
 from search.cache import Cache, read_whole, steady
 from search.slots import count_holders, slot_holders
 from search.study import SLOT, make_storage
+from search.worker import settled
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -30,32 +31,40 @@ def two_workers(url: str) -> tuple[optuna.Study, optuna.Study]:
         storage=make_storage(url, heartbeat=None), study_name=name, direction="maximize"
     )
     reader = optuna.load_study(study_name=name, storage=make_storage(url, heartbeat=None))
-    steady(reader._storage)
+    steady(reader._storage, settled)
     return writer, reader
+
+
+def drafted(study: optuna.Study, slot: int) -> optuna.Trial:
+    """A running trial as a worker writes a draft it claims: with its slot and process."""
+    trial = study.ask()
+    trial.set_user_attr(SLOT, slot)
+    trial.set_user_attr("process", {"host": "elsewhere", "pid": 1})
+    return trial
 
 
 def test_a_steady_cache_reads_a_running_trial_again_when_its_state_changes(url):
     writer, reader = two_workers(url)
-    running = writer.ask()
+    running = drafted(writer, 0)
     running.suggest_float("x", 0, 1)
     assert [t.state for t in reader.get_trials()] == [TrialState.RUNNING]
     running.set_user_attr("late", 1)  # written while it runs: not read again while it runs
     assert "late" not in reader.get_trials()[0].user_attrs
     writer.tell(running, 0.5)
-    writer.ask()
+    drafted(writer, 1)
     first, second = reader.get_trials()
-    assert (first.state, first.value, first.user_attrs) == (TrialState.COMPLETE, 0.5, {"late": 1})
+    assert (first.state, first.value, first.user_attrs["late"]) == (TrialState.COMPLETE, 0.5, 1)
     assert second.state == TrialState.RUNNING
-    steady(reader._storage, on=False)  # Optuna's own: every unfinished trial read again
+    steady(reader._storage, None)  # Optuna's own: every unfinished trial read again
     optuna.Trial(writer, second._trial_id).set_user_attr("late", 2)
-    assert reader.get_trials()[1].user_attrs == {"late": 2}
+    assert reader.get_trials()[1].user_attrs["late"] == 2
 
 
 def test_a_steady_read_with_nothing_new_reads_no_trial_whole(url, monkeypatch):
     writer, reader = two_workers(url)
-    for _ in range(3):
-        writer.ask()
-    writer.tell(writer.ask(), 1.0)
+    for slot in range(3):
+        drafted(writer, slot)
+    writer.tell(drafted(writer, 3), 1.0)
     reader.get_trials()
     cache = reader._storage
     assert isinstance(cache, Cache)
@@ -64,7 +73,7 @@ def test_a_steady_read_with_nothing_new_reads_no_trial_whole(url, monkeypatch):
     reader.get_trials()
     assert whole == []  # three running trials, none changed: only their states were read
     writer.tell(writer.trials[0].number, 0.25)
-    writer.ask()
+    drafted(writer, 4)
     got = reader.get_trials()
     assert len(whole) == 1
     assert [t.state for t in got] == [TrialState.COMPLETE, TrialState.RUNNING,
@@ -93,15 +102,20 @@ def test_the_slot_count_in_the_database_is_the_holders_of_every_kind(url):
         )
     writer.enqueue_trial({}, user_attrs={SLOT: 2})  # the copy
     writer.enqueue_trial({})  # a preset, no slot yet
-    writer.ask()  # the copy: running, slot 2
-    preset = writer.ask()  # running, no slot
+    writer.ask().set_user_attr("process", {"pid": 1})  # the copy: running, slot 2
+    preset = writer.ask()  # running, no slot, no process yet
     writer.enqueue_trial({}, user_attrs={SLOT: 4})  # another copy, waiting
     reader.get_trials()  # cached before the preset took its slot
     preset.set_user_attr(SLOT, 3)
     truth = slot_holders(writer.get_trials())
     assert len(truth) == 5
-    assert len(slot_holders(reader.get_trials())) == 4  # the steady cache lags
     assert count_holders(reader) == len(truth)
+    # not settled (no process yet): the steady reader reads it again, and sees its slot
+    assert len(slot_holders(reader.get_trials())) == 5
+    preset.set_user_attr("process", {"pid": 2})
+    reader.get_trials()
+    preset.set_user_attr("late", 1)  # settled now: seen when it ends
+    assert "late" not in reader.get_trials()[6].user_attrs
 
 
 def test_a_whole_read_is_the_trials_optuna_reads(url):
