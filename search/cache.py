@@ -103,8 +103,7 @@ class Cache(_CachedStorage):
         """The states of the trials `held` and of every trial newer than `newest`."""
         trial = models.TrialModel
         query = sqlalchemy.select(trial.trial_id, trial.state).where(
-            trial.study_id == study_id,
-            sqlalchemy.or_(trial.trial_id > newest, trial.trial_id.in_(held)),
+            _newer_or(study_id, newest, held)
         )
         with _create_scoped_session(self._backend.scoped_session) as session:
             return {i: s for i, s in session.execute(query)}
@@ -120,9 +119,7 @@ def read_whole(rdb: RDBStorage, study_id: int, ids: set[int], newer: int) -> lis
     JSON parse per parameter of every trial for its distribution), a read costs a
     fraction of the CPU. Ordered by id."""
     m, t = models, models.TrialModel
-    wanted = sqlalchemy.select(t.trial_id).where(
-        t.study_id == study_id, sqlalchemy.or_(t.trial_id > newer, t.trial_id.in_(ids))
-    )
+    wanted = sqlalchemy.select(t.trial_id).where(_newer_or(study_id, newer, ids))
 
     def of(model: Any, *columns: str) -> sqlalchemy.Select:
         cols = [getattr(model, c) for c in ("trial_id", *columns)]
@@ -164,6 +161,14 @@ def read_whole(rdb: RDBStorage, study_id: int, ids: set[int], newer: int) -> lis
                                p["dists"], p["user"], p["system"], p["inter"], i,
                                values=values))  # fmt: skip
     return out
+
+
+def _newer_or(study_id: int, newer: int, ids: set[int]) -> sqlalchemy.ColumnElement[bool]:
+    """The study's trials newer than `newer`, and those of `ids`."""
+    t = models.TrialModel
+    return sqlalchemy.and_(
+        t.study_id == study_id, sqlalchemy.or_(t.trial_id > newer, t.trial_id.in_(ids))
+    )
 
 
 def _local(utc: datetime.datetime | None) -> datetime.datetime | None:

@@ -39,6 +39,8 @@ from optuna.study import StudyDirection
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
+from search.cache import rdb_of
+
 
 class DraftStorage(BaseStorage):
     """A study's storage in which a new trial is a draft: its id is negative, its writes
@@ -283,8 +285,8 @@ def insert(storage: BaseStorage, study_id: int, t: FrozenTrial) -> tuple[int, in
     at once, under the same study-row lock that makes the trial's number unique.
     Other storages, and a trial with intermediate values, take Optuna's path.
     """
-    rdb = getattr(storage, "_backend", storage)  # under Optuna's _CachedStorage
-    if not isinstance(rdb, optuna.storages.RDBStorage) or t.intermediate_values:
+    rdb = rdb_of(storage)
+    if rdb is None or t.intermediate_values:
         trial_id = storage.create_new_trial(study_id, template_trial=t)
         return trial_id, storage.get_trial(trial_id).number
     from optuna.exceptions import StorageInternalError
@@ -320,8 +322,8 @@ def record(
     """A running trial's user attributes and intermediate values, written as Optuna's RDB
     storage writes each, in one transaction instead of one each; other storages, a call
     each."""
-    rdb = getattr(storage, "_backend", storage)
-    if not isinstance(rdb, optuna.storages.RDBStorage):
+    rdb = rdb_of(storage)
+    if rdb is None:
         for step, value in reported.items():
             storage.set_trial_intermediate_value(trial_id, step, value)
         for key, value in user_attrs.items():
