@@ -23,14 +23,15 @@ how many).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers._tpe.sampler import (
+    _get_pruned_trial_score,
     _split_complete_trials,
-    _split_pruned_trials,
     default_gamma,
     default_gamma_multiobjective,
 )
@@ -199,7 +200,9 @@ class FastTPE(optuna.samplers.TPESampler):
             self._group_decomposed_search_space = _NewTrialsOnly()
         self._ask: dict[str, Any] | None = None
         self._scores: dict[int, float] = {}  # infeasibility of finished trials
-        self._reprs: dict[tuple[str, ...], dict[int, tuple | None]] = {}  # their rows
+        self._pruned: dict[int, tuple[float, float]] = {}  # pruned ones' rank keys
+        self._finished = _Finished()  # finished trials' params, in the order first seen
+        self._tables: dict[tuple[str, ...], _Table] = {}  # their internal values per group
 
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
@@ -261,7 +264,7 @@ class FastTPE(optuna.samplers.TPESampler):
                 pruned.append(t)
         below_complete, above_complete = _split_complete_trials(complete, study, n_below)
         n_below = max(0, n_below - len(below_complete))
-        below_pruned, above_pruned = _split_pruned_trials(pruned, study, n_below)
+        below_pruned, above_pruned = _split_pruned(pruned, n_below, self._pruned_key(study))
         n_below = min(max(0, n_below - len(below_pruned)), len(infeasible))
         infeasible.sort(key=self._infeasibility)
         below = below_complete + below_pruned + infeasible[:n_below]
@@ -273,22 +276,53 @@ class FastTPE(optuna.samplers.TPESampler):
     def _get_internal_repr(
         self, trials: list[FrozenTrial], search_space: dict[str, BaseDistribution], study: Study
     ) -> dict[str, np.ndarray]:
-        """Optuna's, a finished trial's row of internal values kept per group (a name's
-        distribution is the same in every trial of a study, so is its internal value):
-        one lookup per trial, not a conversion per parameter."""
-        rows = self._reprs.setdefault(tuple(search_space), {})
-        kept = []
-        for trial in trials:
-            row = rows.get(trial._trial_id, _UNSEEN)
-            if row is _UNSEEN:
-                if trial.state.is_finished():
-                    row = rows[trial._trial_id] = _row(trial.params, search_space)
-                else:  # a running trial: its relative params, not yet all suggested
-                    row = _row(self._get_params(trial, study), search_space)
+        """Optuna's, from a table per group of finished trials' internal values, each
+        converted once (a name's distribution is the same in every trial of a study, so
+        is its internal value): where the trials are is found once per ask, not per group."""
+        if not trials:
+            return {name: np.asarray(()) for name in search_space}
+        key = tuple(search_space)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = _Table(search_space)
+        at = self._where(trials)
+        table.fill(self._finished)
+        values = np.empty((len(trials), len(key)))
+        has = np.empty(len(trials), dtype=bool)
+        done = at >= 0
+        values[done], has[done] = table.values[at[done]], table.has[at[done]]
+        for i in np.flatnonzero(~done):  # running trials: their relative params so far
+            row = _row(self._get_params(trials[i], study), search_space)
+            has[i] = row is not None
             if row is not None:
-                kept.append(row)
-        columns = list(zip(*kept, strict=True)) if kept else [()] * len(search_space)
-        return {name: np.asarray(c) for name, c in zip(search_space, columns, strict=True)}
+                values[i] = row
+        kept = values[has]
+        return {
+            name: kept[:, j].astype(np.int64) if isinstance(d, CategoricalDistribution)
+            else kept[:, j]
+            for j, (name, d) in enumerate(search_space.items())
+        }  # fmt: skip
+
+    def _where(self, trials: list[FrozenTrial]) -> np.ndarray:
+        """Each trial's place in the finished trials' tables; -1 for a running one. The
+        same list serves every group of an ask: found once."""
+        kept = self._ask.setdefault("where", {}) if self._ask is not None else {}
+        if id(trials) in kept and kept[id(trials)][0] is trials:
+            return kept[id(trials)][1]
+        at = np.fromiter((self._finished.place(t) for t in trials), np.intp, len(trials))
+        kept[id(trials)] = (trials, at)
+        return at
+
+    def _pruned_key(self, study: Study) -> Callable[[FrozenTrial], tuple[float, float]]:
+        """Optuna's rank of a pruned trial (its last step, then its value there), kept."""
+
+        def key(trial: FrozenTrial) -> tuple[float, float]:
+            score = self._pruned.get(trial._trial_id)
+            if score is None:
+                score = self._pruned[trial._trial_id] = _get_pruned_trial_score(trial, study)
+            return score
+
+        return key
 
     def _infeasibility(self, trial: FrozenTrial) -> float:
         """The sum of its violated constraints (Optuna's score); a finished trial's is kept."""
@@ -299,7 +333,50 @@ class FastTPE(optuna.samplers.TPESampler):
         return score
 
 
-_UNSEEN = object()
+class _Finished:
+    """The finished trials' params, each given a place when first seen (their params
+    never change)."""
+
+    def __init__(self) -> None:
+        self.places: dict[int, int] = {}
+        self.params: list[dict[str, Any]] = []
+
+    def place(self, trial: FrozenTrial) -> int:
+        at = self.places.get(trial._trial_id)
+        if at is None:
+            if not trial.state.is_finished():
+                return -1
+            at = self.places[trial._trial_id] = len(self.params)
+            self.params.append(trial.params)
+        return at
+
+
+class _Table:
+    """One group's internal values of the finished trials, by place; `has`: the trial
+    has every parameter of the group. Filled as trials are placed."""
+
+    def __init__(self, search_space: dict[str, BaseDistribution]) -> None:
+        self.space = search_space
+        self.values = np.empty((0, len(search_space)))
+        self.has = np.empty(0, dtype=bool)
+
+    def fill(self, finished: _Finished) -> None:
+        n, total = len(self.has), len(finished.params)
+        if n == total:
+            return
+        rows = [_row(p, self.space) for p in finished.params[n:]]
+        new = np.array([r if r is not None else (0.0,) * len(self.space) for r in rows])
+        self.values = np.concatenate([self.values, new.reshape(len(rows), len(self.space))])
+        self.has = np.concatenate([self.has, [r is not None for r in rows]])
+
+
+def _split_pruned(
+    trials: list[FrozenTrial], n_below: int, key: Callable[[FrozenTrial], tuple[float, float]]
+) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
+    """Optuna's `_split_pruned_trials` with a kept key."""
+    n_below = min(n_below, len(trials))
+    ranked = sorted(trials, key=key)
+    return ranked[:n_below], ranked[n_below:]
 
 
 def _row(params: dict[str, Any], search_space: dict[str, BaseDistribution]) -> tuple | None:
