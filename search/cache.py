@@ -73,6 +73,20 @@ class Cache(_CachedStorage):
         super().set_trial_intermediate_value(trial_id, step, value)
         self._wrote(trial_id)
 
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        """Optuna's: a finished trial from the cache, else read from the database (every
+        tell reads its trial), here with `read_whole`'s plain queries instead of the ORM."""
+        with self._lock:
+            trial = self._get_cached_trial(trial_id)
+            known = self._trial_id_to_study_id_and_number.get(trial_id)
+        if trial is not None:
+            return trial
+        if known is not None:
+            found = read_whole(self._backend, known[0], {trial_id}, _NONE_NEWER)
+            if found:
+                return found[0]
+        return self._backend.get_trial(trial_id)  # unknown here: Optuna's read, its errors
+
     def _read_trials_from_remote_storage(self, study_id: int) -> None:
         settled = self.settled
         if settled is None:
@@ -161,6 +175,9 @@ def read_whole(rdb: RDBStorage, study_id: int, ids: set[int], newer: int) -> lis
                                p["dists"], p["user"], p["system"], p["inter"], i,
                                values=values))  # fmt: skip
     return out
+
+
+_NONE_NEWER = 2**31 - 1  # above every trial id (INTEGER): read only the ids given
 
 
 def _newer_or(study_id: int, newer: int, ids: set[int]) -> sqlalchemy.ColumnElement[bool]:

@@ -69,7 +69,13 @@ def test_a_steady_read_with_nothing_new_reads_no_trial_whole(url, monkeypatch):
     cache = reader._storage
     assert isinstance(cache, Cache)
     whole = []
-    monkeypatch.setattr(search.cache, "read_whole", lambda *a: whole.append(a) or read_whole(*a))
+
+    def counted(rdb, *a):  # the reader's reads (the writer's tells read their trial)
+        if rdb is cache._backend:
+            whole.append(a)
+        return read_whole(rdb, *a)
+
+    monkeypatch.setattr(search.cache, "read_whole", counted)
     reader.get_trials()
     assert whole == []  # three running trials, none changed: only their states were read
     writer.tell(writer.trials[0].number, 0.25)
@@ -148,3 +154,8 @@ def test_a_whole_read_is_the_trials_optuna_reads(url):
     assert [t.datetime_start for t in ours] == [t.datetime_start for t in optunas]
     some = read_whole(rdb, study_id, {ours[1]._trial_id}, ours[4]._trial_id)
     assert some == [ours[1], ours[5], ours[6]]
+    cache = writer._storage  # a tell's read of its trial: plain queries, the same trial
+    assert isinstance(cache, Cache)
+    assert [cache.get_trial(t._trial_id) for t in ours] == optunas
+    with pytest.raises(KeyError):
+        cache.get_trial(ours[-1]._trial_id + 1000)
