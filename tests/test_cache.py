@@ -124,7 +124,7 @@ def test_the_slot_count_in_the_database_is_the_holders_of_every_kind(url):
     assert "late" not in reader.get_trials()[6].user_attrs
 
 
-def test_a_whole_read_is_the_trials_optuna_reads(url):
+def test_a_whole_read_is_the_trials_optuna_reads(url, monkeypatch):
     """`read_whole` (plain queries) against Optuna's own `_get_trials` (its ORM), on
     trials of every state with parameters of every kind, attributes and reports."""
     writer, _ = two_workers(url)
@@ -154,6 +154,9 @@ def test_a_whole_read_is_the_trials_optuna_reads(url):
     assert [t.datetime_start for t in ours] == [t.datetime_start for t in optunas]
     some = read_whole(rdb, study_id, {ours[1]._trial_id}, ours[4]._trial_id)
     assert some == [ours[1], ours[5], ours[6]]
+    monkeypatch.setattr(search.cache, "_LISTED", 0)  # a big read: its parts by a subquery
+    assert read_whole(rdb, study_id, set(), -1) == optunas
+    monkeypatch.undo()
     cache = writer._storage  # a tell's read of its trial: plain queries, the same trial
     assert isinstance(cache, Cache)
     assert [cache.get_trial(t._trial_id) for t in ours] == optunas
