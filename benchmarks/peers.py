@@ -75,7 +75,7 @@ from optuna.distributions import (
 )
 
 from benchmarks.machine import machine, save, saved_for_resume
-from benchmarks.search_efficiency import timed_search
+from benchmarks.search_efficiency import time_to, timed_search
 from models.spec import max_stages
 from search import space
 from search.data import SearchData, load_dataset, search_split
@@ -347,10 +347,6 @@ def _random(seed: int) -> optuna.samplers.BaseSampler:
 
 
 # --- the summary --------------------------------------------------------------------------
-
-
-def time_to(curve: Curve, target: float, never: float) -> float:
-    return next((t for t, acc in curve if acc >= target), never)
 
 
 def wilcoxon(a: list[float], b: list[float]) -> dict[str, Any]:

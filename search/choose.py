@@ -5,12 +5,13 @@ the network shipped is trained for the horizon (search/horizon.py: 30 epochs of
 the whole training set by default, 75 times longer). Short training favours small
 networks that learn fast, and settings without augmentation. So the choice is
 made again, longer: successive halving over the study's accuracy/size front and its
-best few networks, each with two training settings (the trial's, and the hand
-defaults of `TrainConfig`). Its runs train on the whole training set less the held-out
-validation images and are measured on all of those (the quick profile's trials use
-20,000 and 2,000 of them): the final training sees the whole set, and networks a few
-tenths of a point apart need the larger validation (on 2,000 images one standard
-error is 0.6 points at 92%; on 5,000, 0.4). The test split stays out.
+best few networks, each with its trial's own training settings (the hand defaults
+of `TrainConfig` were tried too, and dropped: `SETTINGS`). Its runs train on the
+whole training set less the held-out validation images and are measured on all of
+those (the quick profile's trials use 20,000 and 2,000 of them): the final
+training sees the whole set, and networks a few tenths of a point apart need the
+larger validation (on 2,000 images one standard error is 0.6 points at 92%; on
+5,000, 0.4). The test split stays out.
 Each rung trains the survivors ETA times longer and keeps the best 1/ETA; the last
 rung trains for 1/ETA of the horizon. Every run is recorded on the study as it
 ends, so a stopped choice resumes where it was. The chosen network and settings
@@ -39,7 +40,11 @@ from search.trainer import OutOfMemory, TrainConfig, TrainingDiverged, resolve_d
 
 ETA = 3  # each rung trains ETA times longer and keeps 1/ETA
 TOP = 3  # the best trials by validation, besides the front: the short trial's near-ties
-SETTINGS = ("trial", "hand")  # the trial's own training settings; TrainConfig's defaults
+# The training settings each network is tried with: the trial's own. TrainConfig's hand
+# defaults ("hand") were tried beside them and lost 5 of 6 networks by 5-7 points at the
+# first rung (66,666 images) and the chosen network by 1.1 points at the horizon (10
+# epochs, 2 seeds; benchmarks/README.md#final-choice), at twice the choice's cost.
+SETTINGS: tuple[str, ...] = ("trial",)
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,10 @@ class Candidate:
         return f"trial {self.trial} with {self.settings} settings"
 
 
-def candidates(trials: list[FrozenTrial], top: int = TOP) -> list[Candidate]:
-    """The front and the `top` best networks, each with the trial's and the hand settings.
+def candidates(
+    trials: list[FrozenTrial], top: int = TOP, settings: tuple[str, ...] = SETTINGS
+) -> list[Candidate]:
+    """The front and the `top` best networks, each with each of `settings` (SETTINGS).
     A network that several trials trained (TPE refines a winner's learning rate) comes
     once, as its best trial: a longer look at each copy would cost twice as much to
     rank settings the short trial already ranked."""
@@ -68,9 +75,9 @@ def candidates(trials: list[FrozenTrial], top: int = TOP) -> list[Candidate]:
     for number in sorted(chosen):
         t = chosen[number]
         cfg = trial_training(t)
-        for settings in SETTINGS:
-            own = cfg if settings == "trial" else TrainConfig(seed=cfg.seed)
-            out.append(Candidate(number, settings, trial_arch(t), own))
+        for kind in settings:
+            own = cfg if kind == "trial" else TrainConfig(seed=cfg.seed)
+            out.append(Candidate(number, kind, trial_arch(t), own))
     return out
 
 
@@ -97,7 +104,7 @@ def halve(
         scored = [(run(c, length), c) for c in alive]
         rows += [{"rung": rung, "images": length, "candidate": c.name, "trial": c.trial,
                   "settings": c.settings, "validation": acc} for acc, c in scored]  # fmt: skip
-        scored.sort(key=lambda s: (-s[0], s[1].trial, SETTINGS.index(s[1].settings)))
+        scored.sort(key=lambda s: (-s[0], s[1].trial, s[1].settings != "trial"))
         alive = [c for _, c in scored[: max(1, math.ceil(len(scored) / eta))]]
     return alive[0], rows
 
@@ -189,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the horizon is under {2 * ETA}x a trial: the trials' own ranking stands")
     else:
         print(
-            f"{len(cands) // 2} networks (the front and the best {args.top}) x {len(SETTINGS)} "
+            f"{len(cands)} networks (the front and the best {args.top}), with their trials' "
             f"settings; rungs of {', '.join(f'{n:,}' for n in lengths)} images, keeping "
             f"1/{ETA} at each",
             flush=True,

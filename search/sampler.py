@@ -297,6 +297,8 @@ class FastTPE(optuna.samplers.TPESampler):
             if row is not None:
                 values[i] = row
         kept = values[has]
+        if not len(kept):  # as Optuna's: empty float arrays
+            return {name: np.asarray(()) for name in search_space}
         return {
             name: kept[:, j].astype(np.int64) if isinstance(d, CategoricalDistribution)
             else kept[:, j]

@@ -46,8 +46,10 @@ def test_a_network_several_trials_trained_is_a_candidate_once(tmp_path) -> None:
     by_number = {t.number: t for t in trials}
     assert trial_arch(by_number[89]) == trial_arch(by_number[90])
     cands = candidates(trials, top=3)
-    nets = [c.spec for c in cands if c.settings == "trial"]
-    assert len(nets) == len(set(nets)) and len(cands) == 2 * len(nets)
+    nets = [c.spec for c in cands]
+    assert len(nets) == len(set(nets)) and {c.settings for c in cands} == {"trial"}
+    both = candidates(trials, top=3, settings=("trial", "hand"))
+    assert len(both) == 2 * len(cands) and both[1].cfg == TrainConfig(seed=both[0].cfg.seed)
     assert 90 in {c.trial for c in cands} and 89 not in {c.trial for c in cands}
     ranked_nets = {}
     for t in ranked(trials):
