@@ -23,7 +23,6 @@ how many).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -264,7 +263,9 @@ class FastTPE(optuna.samplers.TPESampler):
                 pruned.append(t)
         below_complete, above_complete = _split_complete_trials(complete, study, n_below)
         n_below = max(0, n_below - len(below_complete))
-        below_pruned, above_pruned = _split_pruned(pruned, n_below, self._pruned_key(study))
+        pruned.sort(key=lambda t: self._pruned_score(t, study))  # Optuna's order, kept keys
+        n_pruned = min(n_below, len(pruned))
+        below_pruned, above_pruned = pruned[:n_pruned], pruned[n_pruned:]
         n_below = min(max(0, n_below - len(below_pruned)), len(infeasible))
         infeasible.sort(key=self._infeasibility)
         below = below_complete + below_pruned + infeasible[:n_below]
@@ -309,22 +310,18 @@ class FastTPE(optuna.samplers.TPESampler):
         """Each trial's place in the finished trials' tables; -1 for a running one. The
         same list serves every group of an ask: found once."""
         kept = self._ask.setdefault("where", {}) if self._ask is not None else {}
-        if id(trials) in kept and kept[id(trials)][0] is trials:
+        if id(trials) in kept:  # held in `kept`, so no other list has its id meanwhile
             return kept[id(trials)][1]
         at = np.fromiter((self._finished.place(t) for t in trials), np.intp, len(trials))
         kept[id(trials)] = (trials, at)
         return at
 
-    def _pruned_key(self, study: Study) -> Callable[[FrozenTrial], tuple[float, float]]:
+    def _pruned_score(self, trial: FrozenTrial, study: Study) -> tuple[float, float]:
         """Optuna's rank of a pruned trial (its last step, then its value there), kept."""
-
-        def key(trial: FrozenTrial) -> tuple[float, float]:
-            score = self._pruned.get(trial._trial_id)
-            if score is None:
-                score = self._pruned[trial._trial_id] = _get_pruned_trial_score(trial, study)
-            return score
-
-        return key
+        score = self._pruned.get(trial._trial_id)
+        if score is None:
+            score = self._pruned[trial._trial_id] = _get_pruned_trial_score(trial, study)
+        return score
 
     def _infeasibility(self, trial: FrozenTrial) -> float:
         """The sum of its violated constraints (Optuna's score); a finished trial's is kept."""
@@ -370,15 +367,6 @@ class _Table:
         new = np.array([r if r is not None else (0.0,) * len(self.space) for r in rows])
         self.values = np.concatenate([self.values, new.reshape(len(rows), len(self.space))])
         self.has = np.concatenate([self.has, [r is not None for r in rows]])
-
-
-def _split_pruned(
-    trials: list[FrozenTrial], n_below: int, key: Callable[[FrozenTrial], tuple[float, float]]
-) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
-    """Optuna's `_split_pruned_trials` with a kept key."""
-    n_below = min(n_below, len(trials))
-    ranked = sorted(trials, key=key)
-    return ranked[:n_below], ranked[n_below:]
 
 
 def _row(params: dict[str, Any], search_space: dict[str, BaseDistribution]) -> tuple | None:

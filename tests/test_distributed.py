@@ -44,6 +44,9 @@ TINY = [
 # Trials of a few seconds, so that a signal lands in the middle of one.
 SLOW_IMAGES = 3000
 SLOW = [*TINY, "--train-images", "512", "--trial-images", str(SLOW_IMAGES)]
+# 4x as long: on a fast CPU a SLOW trial of the tiny network ended (under a second)
+# before a signal's stop reached it, about half the runs, with nothing to interrupt
+SLOWER = [*TINY, "--train-images", "512", "--trial-images", str(4 * SLOW_IMAGES)]
 
 
 pytestmark = pytest.mark.xdist_group("processes")
@@ -284,10 +287,7 @@ def test_a_signal_mid_trial_marks_it_writes_best_and_resumes(
     url = (
         request.getfixturevalue("pg_url") if backend == "postgres" else f"sqlite:///{tmp_path}/s.db"
     )
-    # trials of 4x SLOW_IMAGES: on a fast CPU a SLOW trial of this tiny network ended (under
-    # a second) before the stop reached it, about half the runs, with nothing to interrupt
-    longer = [*TINY, "--train-images", "512", "--trial-images", str(4 * SLOW_IMAGES)]
-    args = [*longer, "--storage", url, "--study-name", study_name, "--workers", str(workers)]
+    args = [*SLOWER, "--storage", url, "--study-name", study_name, "--workers", str(workers)]
     rc, seconds, out, err, trials = interrupt_mid_trial(
         [*args, "--trials", "100"], study_name, url, tmp_path, signum, workers
     )
