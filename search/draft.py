@@ -29,12 +29,15 @@ import itertools
 import json
 import random
 import time
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.storages import BaseStorage
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.study import StudyDirection
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
@@ -53,6 +56,9 @@ class DraftStorage(BaseStorage):
         self.drafts: dict[int, FrozenTrial] = {}
         self._ids = itertools.count(-1, -1)
         self.seen: list[FrozenTrial] | None = None  # the study as this worker last read it
+        # a trial just written RUNNING, as it was written: opening it as a Trial (which
+        # reads it) is served from here once (`write`)
+        self.fresh: dict[int, FrozenTrial] = {}
         self.again = False  # the next ask reuses `seen` too (`ask_again`)
 
     # --- the draft ---------------------------------------------------------------------
@@ -116,7 +122,8 @@ class DraftStorage(BaseStorage):
     def get_trial(self, trial_id: int) -> FrozenTrial:
         if trial_id in self.drafts:
             return copy.deepcopy(self.drafts[trial_id])
-        return self.backend.get_trial(trial_id)
+        fresh = self.fresh.pop(trial_id, None)
+        return fresh if fresh is not None else self.backend.get_trial(trial_id)
 
     def get_all_trials(
         self,
@@ -198,6 +205,7 @@ class Training(DraftStorage):
     def __init__(self, drafts: DraftStorage) -> None:
         super().__init__(drafts.backend)
         self.source = drafts
+        self.fresh = drafts.fresh  # a claimed draft opens as a trial of this study
         self.reports: dict[int, dict[int, float]] = {}
 
     def set_trial_intermediate_value(
@@ -252,54 +260,79 @@ def is_draft(trial: optuna.Trial) -> bool:
 
 
 def write(
-    study: optuna.Study, trial: optuna.Trial, state: TrialState, **user_attrs: Any
+    study: optuna.Study,
+    trial: optuna.Trial,
+    state: TrialState,
+    attrs_of: Callable[[int], dict[str, Any]] | None = None,
+    **user_attrs: Any,
 ) -> FrozenTrial:
-    """Write a draft of `study` in one transaction, with `user_attrs` added, finished or
-    RUNNING; the trial as written (as the study would read it back, without the round
-    trip). A finished one is told to the sampler, as `tell` does."""
-    draft = trial.storage.drafts.pop(trial._trial_id)
+    """Write a draft of `study` in one transaction, with `user_attrs` added (and those
+    `attrs_of` its number gives: a trial's seed), finished or RUNNING; the trial as
+    written (as the study would read it back, without the round trip). A finished one
+    is told to the sampler, as `tell` does; a RUNNING one is next opened as a trial
+    (`Slots.claim`), which reads it: that read is served from here."""
+    drafts = trial.storage
+    draft = drafts.drafts.pop(trial._trial_id)
     draft.state = state
     draft.user_attrs.update(user_attrs)
     if state.is_finished():
         draft.datetime_complete = datetime.datetime.now()
-    draft._trial_id, draft.number = insert(study._storage, study._study_id, draft)
+    draft._trial_id, draft.number = insert(study._storage, study._study_id, draft, attrs_of)
     for attrs in (draft.user_attrs, draft.system_attrs):  # as stored: JSON
         attrs.update(json.loads(json.dumps(attrs)))
-    drafts = trial.storage
     if drafts.seen is not None:  # the worker's last read of the study, now with this trial
         drafts.seen = [*drafts.seen, draft]
     if state.is_finished():
         study.sampler.after_trial(study, copy.deepcopy(draft), state, None)
+    else:
+        drafts.fresh.clear()
+        drafts.fresh[draft._trial_id] = copy.deepcopy(draft)
     return draft
 
 
-def insert(storage: BaseStorage, study_id: int, t: FrozenTrial) -> tuple[int, int]:
-    """`storage.create_new_trial(study_id, template_trial=t)` in one flush of rows; the
-    new trial's id and number.
+def insert(
+    storage: BaseStorage,
+    study_id: int,
+    t: FrozenTrial,
+    attrs_of: Callable[[int], dict[str, Any]] | None = None,
+) -> tuple[int, int]:
+    """`storage.create_new_trial(study_id, template_trial=t)` in one flush of rows, with
+    the user attributes `attrs_of` the new trial's number gives added to `t`; the new
+    trial's id and number.
 
     Optuna's RDB storage writes a template trial one row at a time, each after
     finding the trial again and, for a parameter, reading an earlier trial's
     distribution to check it is compatible: about 130 statements, 0.1 s on a local
     PostgreSQL (benchmarks/README.md#service-overhead). The space fixes every
     parameter's distribution (search/space.py, SPACE_VERSION), so here the rows go in
-    at once, under the same study-row lock that makes the trial's number unique.
+    at once, under the same study-row lock that makes the trial's number unique: every
+    trial of the study was created under it, so the number is their count.
     Other storages, and a trial with intermediate values, take Optuna's path.
     """
     rdb = rdb_of(storage)
     if rdb is None or t.intermediate_values:
         trial_id = storage.create_new_trial(study_id, template_trial=t)
-        return trial_id, storage.get_trial(trial_id).number
+        number = storage.get_trial(trial_id).number
+        for key, value in (attrs_of(number) if attrs_of else {}).items():
+            storage.set_trial_user_attr(trial_id, key, value)
+            t.user_attrs[key] = value
+        return trial_id, number
     from optuna.exceptions import StorageInternalError
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
 
+    trials = models.TrialModel
     for attempt in range(1, 6):  # Optuna's retries: a deadlock between workers
         try:
             with _create_scoped_session(rdb.scoped_session) as session:
                 models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-                row = models.TrialModel(
+                number = session.scalar(
+                    sqlalchemy.select(sqlalchemy.func.count(trials.trial_id)).where(
+                        trials.study_id == study_id
+                    )
+                )
+                t.user_attrs.update(attrs_of(number) if attrs_of else {})
+                row = trials(
                     study_id=study_id,
-                    number=None,
+                    number=number,
                     state=t.state,
                     datetime_start=t.datetime_start,
                     datetime_complete=t.datetime_complete,
@@ -307,8 +340,7 @@ def insert(storage: BaseStorage, study_id: int, t: FrozenTrial) -> tuple[int, in
                 session.add(row)
                 session.flush()
                 session.add_all(rows_of(row.trial_id, t))
-                row.number = row.count_past_trials(session)
-                return row.trial_id, row.number
+                return row.trial_id, number
         except StorageInternalError:
             if attempt == 5:
                 raise
@@ -319,9 +351,11 @@ def insert(storage: BaseStorage, study_id: int, t: FrozenTrial) -> tuple[int, in
 def record(
     storage: BaseStorage, trial_id: int, user_attrs: dict[str, Any], reported: dict[int, float]
 ) -> None:
-    """A running trial's user attributes and intermediate values, written as Optuna's RDB
-    storage writes each, in one transaction instead of one each; other storages, a call
-    each."""
+    """A running trial's user attributes and intermediate values, stored as Optuna's RDB
+    storage stores them, in one transaction of a few statements (Optuna's finds the
+    trial again and looks for the row before each write: some 16 statements a trained
+    trial); other storages, a call each. A trial another worker ended meanwhile raises
+    UpdateFinishedTrialError, as Optuna's writes do."""
     rdb = rdb_of(storage)
     if rdb is None:
         for step, value in reported.items():
@@ -329,21 +363,42 @@ def record(
         for key, value in user_attrs.items():
             storage.set_trial_user_attr(trial_id, key, value)
         return
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
 
+    trials = models.TrialModel
+    values = models.TrialIntermediateValueModel
+    attrs = models.TrialUserAttributeModel
     with _create_scoped_session(rdb.scoped_session, True) as session:
-        for step, value in reported.items():
-            rdb._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
-        for key, value in user_attrs.items():
-            rdb._set_trial_attr_without_commit(
-                session, models.TrialUserAttributeModel, trial_id, key, value
+        state = session.scalar(sqlalchemy.select(trials.state).where(trials.trial_id == trial_id))
+        if state is None:
+            raise KeyError(f"No trial with trial_id {trial_id} exists.")
+        rdb.check_trial_is_updatable(trial_id, state)
+        if reported:
+            session.execute(
+                sqlalchemy.delete(values.__table__).where(
+                    values.trial_id == trial_id, values.step.in_(list(reported))
+                )
             )
+            rows = []
+            for step, value in reported.items():
+                stored, kind = values.intermediate_value_to_stored_repr(value)
+                rows.append({"trial_id": trial_id, "step": step, "intermediate_value": stored,
+                             "intermediate_value_type": kind})  # fmt: skip
+            session.execute(sqlalchemy.insert(values.__table__), rows)
+        if user_attrs:
+            session.execute(
+                sqlalchemy.delete(attrs.__table__).where(
+                    attrs.trial_id == trial_id, attrs.key.in_(list(user_attrs))
+                )
+            )
+            session.execute(
+                sqlalchemy.insert(attrs.__table__),
+                [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+                 for k, v in user_attrs.items()],
+            )  # fmt: skip
 
 
 def rows_of(trial_id: int, t: FrozenTrial) -> list[Any]:
     """The value, parameter and attribute rows of `t`, as Optuna's RDB storage stores them."""
-    from optuna.storages._rdb import models
 
     rows: list[Any] = []
     for objective, value in enumerate(t.values or []):

@@ -73,11 +73,17 @@ class Slots:
         self.next_stale_check = 0.0
         self.seen: list[FrozenTrial] | None = None  # the study as `wait` last read it
 
-    def claim(self, trial: optuna.Trial, to: optuna.Study | None = None) -> optuna.Trial | None:
+    def claim(
+        self,
+        trial: optuna.Trial,
+        to: optuna.Study | None = None,
+        attrs_of: Callable[[int], dict[str, Any]] | None = None,
+    ) -> optuna.Trial | None:
         """`trial` holding one of the study's slots, atomically across workers; None if
-        none is left. A draft (search.draft) is written here, RUNNING with its slot, under
-        the lock that counts the slots, and comes back as a trial of `to` (default: the
-        study); a retried trial keeps the slot it had.
+        none is left. A draft (search.draft) is written here, RUNNING with its slot and
+        the user attributes `attrs_of` its number gives, under the lock that counts the
+        slots, and comes back as a trial of `to` (default: the study); a retried trial
+        keeps the slot it had.
         """
         if SLOT in trial.user_attrs:
             return trial
@@ -88,8 +94,9 @@ class Slots:
             if not is_draft(trial):
                 trial.set_user_attr(SLOT, held)
                 return trial
-            trial_id = write(self.study, trial, TrialState.RUNNING, **{SLOT: held})._trial_id
-        return optuna.Trial(to or self.study, trial_id)  # outside the lock: it reads
+            written = write(self.study, trial, TrialState.RUNNING, attrs_of, **{SLOT: held})
+        # outside the lock; a draft's storage serves the trial as written, without a read
+        return optuna.Trial(to or self.study, written._trial_id)
 
     def requeue(self, trial: optuna.Trial | int, interrupted: bool = False) -> bool:
         """Fail a running trial and queue its copy, which keeps its slot; False when

@@ -352,7 +352,13 @@ class Loop:
     def claim(self, proposal: Ready) -> Ready | None:
         """`proposal` holding a slot, its heartbeat started and its settings recorded; None
         (the candidate failed as unused) when another worker took the last free slot."""
-        claimed = self.slots.claim(proposal.trial, self.training)
+
+        def settings(number: int) -> dict[str, object]:
+            cfg = replace(proposal.cfg, seed=trial_seed(self.search.seed, number))
+            return {"training": cfg.to_dict(), "seed": cfg.seed}
+
+        drafted = is_draft(proposal.trial)  # written with its settings, in the claim
+        claimed = self.slots.claim(proposal.trial, self.training, settings)
         if claimed is None:
             unused(self.study, proposal.trial, self.search)
             return None
@@ -360,8 +366,9 @@ class Loop:
         beat.enter_context(heartbeat(claimed))
         try:
             cfg = replace(proposal.cfg, seed=trial_seed(self.search.seed, claimed.number))
-            claimed.set_user_attr("training", cfg.to_dict())
-            claimed.set_user_attr("seed", cfg.seed)
+            if not drafted:  # a queued trial (a retry, a preset): in the database already
+                for key, value in settings(claimed.number).items():
+                    claimed.set_user_attr(key, value)
         except BaseException:
             beat.close()
             self.slots.requeue(claimed)

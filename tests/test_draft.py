@@ -44,9 +44,9 @@ class Writes:
         self.calls: list[tuple[str, object]] = []
         real_insert = draft.insert
 
-        def inserted(storage, study_id, t):
+        def inserted(storage, study_id, t, attrs_of=None):
             before = self.count("create_new_trial")
-            trial_id = real_insert(storage, study_id, t)
+            trial_id = real_insert(storage, study_id, t, attrs_of)
             if self.count("create_new_trial") == before:  # not Optuna's path, counted there
                 self.calls.append(("create_new_trial", study_id))
             return trial_id
@@ -76,7 +76,9 @@ def test_a_search_writes_each_new_trial_once(tmp_path, monkeypatch) -> None:
     assert sum(map(is_trained, trials)) == 3 and any("rejected" in t.user_attrs for t in trials)
     assert writes.count("create_new_trial") == len(trials)
     assert writes.count("set_trial_param") == 0
-    before_training = {"worker", "sampler_seed", "process", "params", "macs", "arch", SLOT}
+    # written with the trial, its seed and settings too (they come from its number)
+    before_training = {"worker", "sampler_seed", "process", "params", "macs", "arch", SLOT,
+                       "seed", "training"}  # fmt: skip
     assert not before_training & {key for name, key in writes.calls if name.startswith("set_")}
     for t in trials:
         assert t.number >= 0 and t.params and {"worker", "arch", "params"} <= t.user_attrs.keys()
@@ -318,6 +320,76 @@ def test_a_trial_inserted_in_one_flush_reads_back_as_optunas_write_of_it(any_url
                       "datetime_complete"):  # fmt: skip
             assert getattr(ours, field) == getattr(optunas, field), field
     assert trials[2].value == 0.875 and trials[0].params == params
+
+
+def test_a_trials_records_in_one_transaction_read_back_as_optunas_writes(any_url) -> None:
+    """`record` against Optuna's writes one by one, on trials that already have a value at
+    a step and an attribute it overwrites: the same trial read back; then an ended trial
+    refuses it, as Optuna's writes do, and an unknown one is a KeyError."""
+    import math
+    import uuid
+
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    study = open_study(any_url, f"rec-{uuid.uuid4().hex[:6]}", heartbeat=None)
+    storage = study._storage
+    reported = {1: 0.5, 2: float("inf"), 3: float("nan"), 4: float("-inf")}
+    attrs = {"a": 2, "b": [1, "x"], "c": {"k": None}}
+    ids, trials = [], []
+    for ours in (True, False):
+        trial = study.ask()
+        trial.report(0.3, 1)
+        trial.set_user_attr("a", 1)
+        if ours:
+            draft.record(storage, trial._trial_id, attrs, reported)
+        else:
+            for step, value in reported.items():
+                storage.set_trial_intermediate_value(trial._trial_id, step, value)
+            for key, value in attrs.items():
+                storage.set_trial_user_attr(trial._trial_id, key, value)
+        ids.append(trial._trial_id)
+        trials.append(trial)
+    fresh = optuna.load_study(study_name=study.study_name, storage=any_url)
+    ours, optunas = (fresh._storage.get_trial(i) for i in ids)
+    assert ours.user_attrs == optunas.user_attrs == attrs
+    assert ours.intermediate_values.keys() == optunas.intermediate_values.keys() == {1, 2, 3, 4}
+    for step, value in ours.intermediate_values.items():
+        other = optunas.intermediate_values[step]
+        assert value == other or (math.isnan(value) and math.isnan(other))
+    study.tell(trials[0], 0.5)
+    with pytest.raises(UpdateFinishedTrialError):
+        draft.record(storage, ids[0], {"late": 1}, {})
+    with pytest.raises(KeyError):
+        draft.record(storage, max(ids) + 100, {"late": 1}, {})
+
+
+def test_a_claimed_draft_opens_as_the_trial_read_back_with_its_numbered_settings(
+    any_url,
+) -> None:
+    """A draft written RUNNING by its claim carries the attributes its number gives, and
+    opens as a trial without a read: what it holds is what the study reads back."""
+    import uuid
+
+    study = open_study(any_url, f"claim-{uuid.uuid4().hex[:6]}", heartbeat=None)
+    search = small_search()
+    study.ask()  # one before it: the draft's number is 1
+    drafts = drafting(study)
+    trial = drafts.ask()
+    space.suggest_arch(trial, search.data.shape, search.limits)
+    reads: list[int] = []
+    real = study._storage.get_trial
+    study._storage.get_trial = lambda i: reads.append(i) or real(i)
+    claimed = Slots(study, 3, None).claim(trial, drafts, lambda n: {"seed": 100 + n})
+    del study._storage.get_trial
+    assert claimed is not None and reads == []
+    read = optuna.load_study(study_name=study.study_name, storage=any_url)._storage.get_trial(
+        claimed._trial_id
+    )
+    held = claimed._cached_frozen_trial
+    assert held.number == read.number == 1 and read.user_attrs["seed"] == 101
+    for field in ("state", "params", "distributions", "user_attrs", "system_attrs",
+                  "intermediate_values", "datetime_start", "datetime_complete"):  # fmt: skip
+        assert getattr(held, field) == getattr(read, field), field
 
 
 def _complete(t: FrozenTrial) -> FrozenTrial:
