@@ -292,8 +292,13 @@ class FastTPE(optuna.samplers.TPESampler):
         has = np.empty(len(trials), dtype=bool)
         done = at >= 0
         values[done], has[done] = table.values[at[done]], table.has[at[done]]
-        for i in np.flatnonzero(~done):  # running trials: their relative params so far
-            row = _row(self._get_params(trials[i], study), search_space)
+        # running trials: their relative params so far, parsed from JSON once per ask
+        parsed = self._ask.setdefault("params", {}) if self._ask is not None else {}
+        for i in np.flatnonzero(~done):
+            t = trials[i]
+            if t._trial_id not in parsed:
+                parsed[t._trial_id] = self._get_params(t, study)
+            row = _row(parsed[t._trial_id], search_space)
             has[i] = row is not None
             if row is not None:
                 values[i] = row
