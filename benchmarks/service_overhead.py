@@ -248,7 +248,12 @@ def measure(url: str, workers: int, cap: int, seconds: float) -> dict:
     # of the time: a machine with fewer is CPU-bound, whatever the design.
     cpu = sum(r["cpu_seconds"] for r in ok)
     db = db1 - db0 if db0 is not None and db1 is not None else 0.0
+    # Per ask (trained, rejected or unused): comparable between runs whose rejections and
+    # first-rung prunings (short waits) differ, which the idle fraction is not
+    asks = max(1, c["trained"] + c["rejected"] + c["unused"])
     result |= {
+        "worker_cpu_seconds_per_ask": round(cpu / asks, 4),
+        "db_cpu_seconds_per_ask": round(db / asks, 4) if db0 is not None else None,
         "worker_cpu_seconds_per_trained_trial": round(cpu / n, 4),
         "db_cpu_seconds_per_trained_trial": round(db / n, 4) if db0 is not None else None,
         "cores_needed_for_5pct_idle": round((cpu + db) * 0.95 * workers / waited, 2)
