@@ -331,13 +331,15 @@ def insert(
                     )
                 )
                 t.user_attrs.update(attrs_of(number) if attrs_of else {})
-                trial_id = session.scalar(
-                    sqlalchemy.insert(trials)
-                    .values(study_id=study_id, number=number, state=t.state,
-                            datetime_start=t.datetime_start,
-                            datetime_complete=t.datetime_complete)
-                    .returning(trials.c.trial_id)
-                )  # fmt: skip
+                trial_id = session.execute(
+                    sqlalchemy.insert(trials).values(
+                        study_id=study_id,
+                        number=number,
+                        state=t.state,
+                        datetime_start=t.datetime_start,
+                        datetime_complete=t.datetime_complete,
+                    )
+                ).inserted_primary_key[0]  # RETURNING where the database has it, else its last id
                 for model, rows in rows_of(trial_id, t).items():
                     if rows:
                         session.execute(sqlalchemy.insert(model.__table__), rows)
