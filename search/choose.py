@@ -6,14 +6,16 @@ the whole training set by default, 75 times longer). Short training favours smal
 networks that learn fast, and settings without augmentation. So the choice is
 made again, longer: successive halving over the study's accuracy/size front and its
 best few networks, each with its trial's own training settings (the hand defaults
-of `TrainConfig` were tried too, and dropped: `SETTINGS`). Its runs train on the
+of `TrainConfig` were tried too, and dropped: `SETTINGS`), within half the images
+the search trained (`SHARE`): as many of them as that allows a look at least two
+trials long, the best by their trials first (`plan`). Its runs train on the
 whole training set less the held-out validation images and are measured on all of
 those (the quick profile's trials use 20,000 and 2,000 of them): the final
 training sees the whole set, and networks a few tenths of a point apart need the
 larger validation (on 2,000 images one standard error is 0.6 points at 92%; on
 5,000, 0.4). The test split stays out.
-Each rung trains the survivors ETA times longer and keeps the best 1/ETA; the last
-rung trains for 1/ETA of the horizon. Every run is recorded on the study as it
+Each rung spends the same part of that budget on its survivors and keeps the best
+1/ETA; no run is longer than 1/ETA of the horizon. Every run is recorded on the study as it
 ends, so a stopped choice resumes where it was. The chosen network and settings
 become studies/<study>/best.json, what `search.train` then trains.
 """
@@ -38,8 +40,9 @@ from search.records import export_trial, ranked, trial_arch, trial_training, wri
 from search.study import StudyError
 from search.trainer import OutOfMemory, TrainConfig, TrainingDiverged, resolve_device, train
 
-ETA = 3  # each rung trains ETA times longer and keeps 1/ETA
+ETA = 3  # each rung keeps 1/ETA
 TOP = 3  # the best trials by validation, besides the front: the short trial's near-ties
+SHARE = 0.5  # the choice trains at most this share of the images the search trained
 # The training settings each network is tried with: the trial's own. TrainConfig's hand
 # defaults ("hand") were tried beside them and lost 5 of 6 networks by 5-7 points at the
 # first rung (66,666 images) and the chosen network by 1.1 points at the horizon (10
@@ -72,23 +75,44 @@ def candidates(
     # a front trial is already its network's best: the most accurate of its size
     chosen = {t.number: t for t in [*pareto_front(trials), *list(best.values())[:top]]}
     out = []
-    for number in sorted(chosen):
-        t = chosen[number]
+    for t in sorted(chosen.values(), key=lambda t: (-t.value, t.number)):  # best first
         cfg = trial_training(t)
         for kind in settings:
             own = cfg if kind == "trial" else TrainConfig(seed=cfg.seed)
-            out.append(Candidate(number, kind, trial_arch(t), own))
+            out.append(Candidate(t.number, kind, trial_arch(t), own))
     return out
 
 
-def rung_lengths(n: int, trial_images: int, horizon_images: int, eta: int = ETA) -> list[int]:
-    """Training images of each rung for `n` candidates: the last at horizon / eta, each
-    earlier one eta times shorter, as many as halving n to one takes, none shorter than
-    two trials (a trial already measured that). Empty: the horizon is too near the
-    trial's length for a longer look to tell more than the trial did."""
-    rungs = max(1, math.ceil(math.log(max(n, 2), eta) - 1e-9))
-    lengths = [horizon_images // eta**k for k in range(rungs, 0, -1)]
-    return [n_ for n_ in lengths if n_ >= 2 * trial_images]
+def plan(
+    n: int,
+    search_images: int,
+    trial_images: int,
+    horizon_images: int,
+    share: float = SHARE,
+    eta: int = ETA,
+) -> tuple[int, list[int]]:
+    """How many of `n` candidates (the best by their trials first) get a longer look,
+    and the training images of each rung: successive halving within `share` of the
+    images the search trained, each rung an equal part of it (budgeted halving, Karnin
+    et al. 2013), no run longer than the horizon / eta (a look ahead, not the final
+    training) nor shorter than two trials (a trial already measured that). As many
+    candidates as that allows; (1, []) when it allows none: the trials' ranking stands."""
+    budget = share * search_images
+    for k in range(n, 1, -1):
+        rungs = max(1, math.ceil(math.log(k, eta) - 1e-9))
+        alive = [math.ceil(k / eta**r) for r in range(rungs)]
+        lengths = [
+            int(min(budget / rungs / a, horizon_images / eta ** (rungs - r)))
+            for r, a in enumerate(alive)
+        ]
+        if lengths[0] >= 2 * trial_images:
+            return k, lengths
+    return 1, []
+
+
+def searched_images(trials: list[FrozenTrial]) -> int:
+    """The training images the search's trials saw: each trained one's last rung."""
+    return sum(max(t.intermediate_values) for t in trials if t.intermediate_values)
 
 
 def halve(
@@ -132,10 +156,15 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--data-dir", help="where datasets live (default $NAS_DATA_DIR or ./data)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--top", type=int, default=TOP, help=f"best trials besides the front ({TOP})")
+    ap.add_argument("--share", type=float, default=SHARE,
+                    help="the most the choice trains, as a share of the images the search "
+                    f"trained ({SHARE})")  # fmt: skip
     ap.add_argument("-o", "--out", help="default studies/<study>/best.json")
     args = ap.parse_args(argv)
     if args.top < 1:
         ap.error(f"--top must be at least 1, got {args.top}")
+    if not args.share > 0:
+        ap.error(f"--share must be above 0, got {args.share}")
     return args
 
 
@@ -158,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     horizon = Horizon.from_dict(study.user_attrs["horizon"])
-    lengths = rung_lengths(len(cands), p["images"], horizon.images)
+    searched = searched_images(trials)
+    k, lengths = plan(len(cands), searched, p["images"], horizon.images, args.share)
+    looked = cands[:k]
     print(
         f"choosing for a final training of {horizon.epochs} epochs of the "
         f"{horizon.train_images:,} training images ({horizon.images:,} images), on "
@@ -193,16 +224,21 @@ def main(argv: list[str] | None = None) -> int:
         best = ranked(trials)[0]
         winner = Candidate(best.number, "trial", trial_arch(best), trial_training(best))
         rows: list[dict] = []
-        print(f"the horizon is under {2 * ETA}x a trial: the trials' own ranking stands")
+        print(
+            f"{args.share:g} of the search's {searched:,} images allows no look of two "
+            f"trials ({p['images']:,} images each) or more, or the horizon is too near: "
+            "the trials' ranking stands (--share sets the budget)"
+        )
     else:
         print(
-            f"{len(cands)} networks (the front and the best {args.top}), with their trials' "
-            f"settings; rungs of {', '.join(f'{n:,}' for n in lengths)} images, keeping "
-            f"1/{ETA} at each",
+            f"{len(cands)} networks (the front and the best {args.top}); the best {k} by "
+            f"their trials, with their settings, get a longer look within {args.share:g} of "
+            f"the search's {searched:,} images: rungs of "
+            f"{', '.join(f'{n:,}' for n in lengths)} images, keeping 1/{ETA} at each",
             flush=True,
         )
         try:
-            winner, rows = halve(cands, lengths, run)
+            winner, rows = halve(looked, lengths, run)
         except KeyboardInterrupt:
             print("\ninterrupted: the runs so far are kept; run it again to go on", file=sys.stderr)
             return 130

@@ -7,18 +7,26 @@ import shutil
 from pathlib import Path
 
 from search import choose
-from search.choose import ETA, Candidate, candidates, halve, rung_lengths
+from search.choose import SHARE, Candidate, candidates, halve, plan, searched_images
 from search.data import load_dataset, search_split
 from search.records import ranked, trial_arch
 from search.study import open_study
 from search.trainer import TrainConfig
 
 
-def test_rungs_end_at_a_third_of_the_horizon_and_never_shorter_than_two_trials() -> None:
-    assert rung_lengths(12, 24_000, 1_800_000) == [66_666, 200_000, 600_000]
-    assert rung_lengths(3, 24_000, 1_800_000) == [600_000]
-    assert rung_lengths(12, 24_000, 400_000) == [133_333]  # 44,444 and 14,814: too short
-    assert rung_lengths(12, 450_000, 1_500_000) == []  # the GPU profile: the trial is 1/3 of it
+def test_the_choice_looks_longer_at_as_many_as_half_the_search_allows() -> None:
+    # the final_choice study: 702,000 images searched, 6 candidates, 24,000-image trials
+    assert plan(6, 702_000, 24_000, 600_000) == (3, [117_000])  # 6 would get 29,250 each
+    assert plan(12, 2_808_000, 24_000, 1_800_000) == (9, [78_000, 234_000])
+    assert plan(12, 2_808_000, 24_000, 300_000) == (3, [100_000])  # a look: <= horizon / 3
+    assert plan(6, 40_000, 24_000, 600_000) == (1, [])  # a small search: its ranking stands
+    assert plan(8, 13_500_000, 450_000, 1_500_000) == (1, [])  # the GPU profile: too near
+    for n in range(2, 30):
+        for searched in (100_000, 702_000, 5_000_000):
+            k, lengths = plan(n, searched, 24_000, 1_800_000)
+            alive = [-(-k // 3**r) for r in range(len(lengths))]
+            assert sum(a * n_ for a, n_ in zip(alive, lengths, strict=True)) <= SHARE * searched
+            assert all(n_ >= 2 * 24_000 for n_ in lengths) and lengths == sorted(lengths)
 
 
 def test_halving_keeps_the_best_third_at_each_rung_and_trains_each_once() -> None:
@@ -64,20 +72,28 @@ def test_choose_writes_the_chosen_network_and_settings_and_resumes(finished, tmp
     study = open_study(url, finished.name, create=False)
     h = study.user_attrs["horizon"]
     study.set_user_attr("horizon", h | {"epochs": 3, "images": 3 * h["train_images"]})
-    n = len(candidates(study.get_trials(), top=1))  # the front and the best: fewer runs
+    trials = study.get_trials()
+    n, lengths = plan(  # the front and the best: fewer runs
+        len(candidates(trials, top=1)),
+        searched_images(trials),
+        study.user_attrs["settings"]["profile"]["images"],
+        3 * h["train_images"],
+        share=2.0,
+    )  # fmt: skip (6 trials: half their images would allow no look of two trials)
+    assert n >= 2 and len(lengths) == 1  # the study's trials leave room for one longer look
     out = tmp_path / "best.json"
     argv = ["--study-name", finished.name, "--storage", url, "--device", "cpu", "--top", "1"]
+    argv += ["--share", "2"]
     argv += ["-o", str(out)]
     assert choose.main(argv) == 0
     text = capsys.readouterr().out
     best = json.loads(out.read_text())
     choice = best["choice"]
-    length = 3 * h["train_images"] // ETA  # one rung: the horizon's third
-    assert [r["images"] for r in choice["rungs"]] == [length] * n
+    assert [r["images"] for r in choice["rungs"]] == lengths * n
     top = max(choice["rungs"], key=lambda r: r["validation"])["validation"]
     row = next(r for r in choice["rungs"] if r["candidate"] == f"trial {best['trial']} with "
                f"{choice['settings']} settings")  # fmt: skip
-    assert row["validation"] == top and choice["images_trained"] == n * length
+    assert row["validation"] == top and choice["images_trained"] == n * lengths[0]
     assert best["training"]["seed"] is not None and best["horizon"]["epochs"] == 3
     assert "ship: trial" in text and "--epochs 3 --seeds 3" in text
     # Its runs see the whole training set less the held-out images, and all of those.
