@@ -161,6 +161,7 @@ def main() -> None:
             "seed": args.seed,
             "trained": len(trained),
             "train_seconds": round(sum(t.user_attrs["train_seconds"] for t in trained)),
+            "images": choose.searched_images(study.get_trials(deepcopy=False)),
             "wall_seconds_this_call": round(search_s),
         },
         "choice": chosen["choice"] | {"rungs": None},
@@ -217,6 +218,10 @@ def summarize(record: dict, runs: list[dict], study: optuna.Study, seeds: list[i
     return record | {
         "complete": len(full) == len(table),
         "seeds": seeds,
+        # the choice's extra compute: its training images over the search's (goal <= 0.5)
+        "choice_share_of_search": round(
+            record["choice"]["images_trained"] / record["search"]["images"], 3
+        ),
         "chosen_test_mean": chosen["test_mean"],
         "chosen_params": chosen["params"],
         "best_short_trial_test_mean": table["best short trial"]["test_mean"],
