@@ -23,6 +23,7 @@ import torch
 from models.complexity import DTYPE_BYTES
 from models.presets import PRESETS
 from search import latency, launch, space
+from search.choose import SHARE, searched_images
 from search.cli import (
     STORAGE_ENV,
     Parser,
@@ -369,12 +370,21 @@ def finish(
     if path:
         data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
         h = Horizon.from_dict(study.user_attrs["horizon"])
+        speed = ranked(trials)[0].user_attrs.get("images_per_s")
+        share = SHARE * searched_images(trials)
+        choose = [tool("python"), "-m", "search.choose", "--study-name", args.study_name,
+                  "--storage", safe_url(args.storage), *data_dir]  # fmt: skip
+        print(
+            f"choose: {shlex.join(choose)}   # the network to ship for the horizon: the best "
+            f"by their trials trained longer, up to {share:,.0f} images (half the search's)"
+            + (f", about {duration(share / speed)} here" if speed else "")
+            + "; it rewrites best.json"
+        )
         command = [tool("python"), "-m", "search.train", str(path), *data_dir]
         print(
             f"next: {shlex.join(command)} --epochs {h.epochs} --seeds 3   # final training at "
             "the horizon: test accuracy, mean +- sd"
         )
-        speed = ranked(trials)[0].user_attrs.get("images_per_s")
         print(
             f"      {cost(3, h.epochs, h.train_images, speed)}"
             + (" (the winner's trial speed here)" if speed else "")

@@ -110,6 +110,23 @@ def test_choose_writes_the_chosen_network_and_settings_and_resumes(finished, tmp
     assert json.loads(out.read_text())["choice"]["seconds"] == choice["seconds"] > 0
 
 
+def test_the_choose_command_search_run_prints_works_and_keeps_the_ranking_when_poor(
+    finished, tmp_path, capsys
+) -> None:
+    """search.run's `choose:` line is a command that runs; on a search too small for a look
+    of two trials within half its images, the best trial is what it ships."""
+    import shlex
+
+    line = finished.out[finished.out.index("choose: ") :].splitlines()[0]
+    assert f"--study-name {finished.name}" in line and "half the search's" in line
+    argv = shlex.split(line.split("#")[0])[4:]  # after "choose: <python> -m search.choose"
+    out = tmp_path / "best.json"
+    assert choose.main([*argv, "--device", "cpu", "-o", str(out)]) == 0
+    assert "the trials' ranking stands" in capsys.readouterr().out
+    study = open_study(finished.url, finished.name, create=False)
+    assert json.loads(out.read_text())["trial"] == ranked(study.get_trials())[0].number
+
+
 def test_choose_on_a_missing_study_is_a_clear_error(tmp_path, capsys) -> None:
     url = f"sqlite:///{tmp_path}/none.db"
     assert choose.main(["--study-name", "x", "--storage", url]) == 2
