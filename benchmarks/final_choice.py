@@ -49,6 +49,7 @@ from search.data import load_dataset
 from search.final import mean_sd, train_final
 from search.front import pareto_front
 from search.records import best_trial, trial_arch, trial_training
+from search.slots import is_trained
 from search.study import open_study
 from search.trainer import TrainConfig
 
@@ -135,7 +136,7 @@ def main() -> None:
         raise SystemExit(f"search.run exited {rc}")
     search_s = time.perf_counter() - t0
     study = open_study(args.storage, name, create=False, heartbeat=None)
-    trained = [t for t in study.get_trials(deepcopy=False) if "train_seconds" in t.user_attrs]
+    trained = [t for t in study.get_trials(deepcopy=False) if is_trained(t)]
 
     print("choice: search.choose", flush=True)
     chosen_path = Path("studies") / name / "chosen.json"
@@ -160,7 +161,10 @@ def main() -> None:
             "trials": args.trials,
             "seed": args.seed,
             "trained": len(trained),
-            "train_seconds": round(sum(t.user_attrs["train_seconds"] for t in trained)),
+            # the completed trials' training time (a pruned trial records none)
+            "complete_train_seconds": round(
+                sum(t.user_attrs.get("train_seconds", 0) for t in trained)
+            ),
             "images": choose.searched_images(study.get_trials(deepcopy=False)),
             "wall_seconds_this_call": round(search_s),
         },
