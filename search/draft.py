@@ -306,8 +306,9 @@ def insert(
     PostgreSQL (benchmarks/README.md#service-overhead). The space fixes every
     parameter's distribution (search/space.py, SPACE_VERSION), so here the rows go in
     at once, as plain inserts (the ORM's unit of work cost more CPU than the database
-    did), under the same study-row lock that makes the trial's number unique: every
-    trial of the study was created under it, so the number is their count.
+    did), under the same study-row lock that makes the trial's number unique (the
+    number of the study's trials before it). Times are stored as Optuna stores them:
+    naive UTC.
     Other storages, and a trial with intermediate values, take Optuna's path.
     """
     rdb = rdb_of(storage)
@@ -325,21 +326,28 @@ def insert(
         try:
             with _create_scoped_session(rdb.scoped_session) as session:
                 models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-                number = session.scalar(
-                    sqlalchemy.select(sqlalchemy.func.count(trials.c.trial_id)).where(
-                        trials.c.study_id == study_id
-                    )
-                )
-                t.user_attrs.update(attrs_of(number) if attrs_of else {})
+                # inserted first, then numbered, as Optuna does: on SQLite the FOR UPDATE is
+                # void and only the first write takes the lock that makes the count exact
                 trial_id = session.execute(
                     sqlalchemy.insert(trials).values(
                         study_id=study_id,
-                        number=number,
+                        number=None,
                         state=t.state,
-                        datetime_start=t.datetime_start,
-                        datetime_complete=t.datetime_complete,
+                        datetime_start=_utc(t.datetime_start),
+                        datetime_complete=_utc(t.datetime_complete),
                     )
                 ).inserted_primary_key[0]  # RETURNING where the database has it, else its last id
+                number = session.scalar(
+                    sqlalchemy.select(sqlalchemy.func.count(trials.c.trial_id)).where(
+                        trials.c.study_id == study_id, trials.c.trial_id < trial_id
+                    )
+                )
+                session.execute(
+                    sqlalchemy.update(trials)
+                    .where(trials.c.trial_id == trial_id)
+                    .values(number=number)
+                )
+                t.user_attrs.update(attrs_of(number) if attrs_of else {})
                 for model, rows in rows_of(trial_id, t).items():
                     if rows:
                         session.execute(sqlalchemy.insert(model.__table__), rows)
@@ -349,6 +357,11 @@ def insert(
                 raise
             time.sleep(random.random() * 2.0)
     raise AssertionError("not reached")
+
+
+def _utc(when: datetime.datetime | None) -> datetime.datetime | None:
+    """A local time as Optuna's RDB storage stores it: naive UTC (its ORM's setter)."""
+    return None if when is None else when.astimezone(datetime.UTC).replace(tzinfo=None)
 
 
 def record(

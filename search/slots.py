@@ -96,7 +96,10 @@ class Slots:
                 return trial
             written = write(self.study, trial, TrialState.RUNNING, attrs_of, **{SLOT: held})
         # outside the lock; a draft's storage serves the trial as written, without a read
-        return optuna.Trial(to or self.study, written._trial_id)
+        # (opened elsewhere, the copy kept for it is dropped: it would be served later)
+        claimed = optuna.Trial(to or self.study, written._trial_id)
+        trial.storage.fresh.pop(written._trial_id, None)
+        return claimed
 
     def requeue(self, trial: optuna.Trial | int, interrupted: bool = False) -> bool:
         """Fail a running trial and queue its copy, which keeps its slot; False when

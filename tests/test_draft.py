@@ -275,7 +275,21 @@ def any_url(request, tmp_path):
     return request.getfixturevalue("pg_url")
 
 
-def test_a_trial_inserted_in_one_flush_reads_back_as_optunas_write_of_it(any_url) -> None:
+@pytest.fixture
+def away_from_utc(monkeypatch):
+    """Local time 5:30 ahead of UTC: Optuna's RDB storage keeps times in naive UTC."""
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_a_trial_inserted_in_one_flush_reads_back_as_optunas_write_of_it(
+    any_url, away_from_utc
+) -> None:
     """`insert` against Optuna's own `create_new_trial(template)`: the same trial read
     back (state, value, every kind of parameter, attributes, constraints), numbered in
     turn, on SQLite and PostgreSQL."""
@@ -364,7 +378,7 @@ def test_a_trials_records_in_one_transaction_read_back_as_optunas_writes(any_url
 
 
 def test_a_claimed_draft_opens_as_the_trial_read_back_with_its_numbered_settings(
-    any_url,
+    any_url, away_from_utc
 ) -> None:
     """A draft written RUNNING by its claim carries the attributes its number gives, and
     opens as a trial without a read: what it holds is what the study reads back."""
