@@ -19,9 +19,9 @@ final training (search/final.py), once per seed, and measured on the test split:
 
 A contender that is another's network and settings is trained once. The searched
 networks (minutes a run) go first, all seeds, then the hand designs (up to 1.75 h a
-run on 2 cores) from the smallest, with the hand settings before the chosen ones,
-so a benchmark stopped early already answers "is the chosen network the best of
-the front" and then "does it beat the hand designs". Each run is saved as it ends
+run on 2 cores) seed by seed from the smallest, so a benchmark stopped early
+already answers "is the chosen network the best of the front" and then, at one
+seed, "does it beat the hand designs". Each run is saved as it ends
 (`--resume` keeps them: the work spans sessions). The search and the choice resume
 by themselves: their study is kept beside the results (committed, as each session
 may run on a fresh machine), with its trials and the choice's runs.
@@ -98,13 +98,13 @@ def contenders(study: optuna.Study, chosen: dict, shape: tuple[int, int, int]) -
 
 def order(designs: dict, seeds: list[int]) -> list[tuple]:
     """(name, spec, cfg, seed) to run: the searched networks seed by seed, then the
-    hand designs, smallest first, each for all seeds: first with the hand settings (as
-    a person trains them: the bar the choice must clear), then with the chosen ones."""
+    hand designs seed by seed, smallest first: each seed's pass gives every contender a
+    figure (one hand design is hours a run here)."""
     searched = [(n, s, c) for n, (s, c, k) in designs.items() if k != "hand"]
     hand = [(n, s, c) for n, (s, c, k) in designs.items() if k == "hand"]
-    hand.sort(key=lambda d: (d[0].endswith("chosen settings"), count_params(d[1])))
+    hand.sort(key=lambda d: count_params(d[1]))  # stable: hand settings, then chosen
     return [(*d, seed) for seed in seeds for d in searched] + [
-        (*d, seed) for d in hand for seed in seeds
+        (*d, seed) for seed in seeds for d in hand
     ]
 
 
