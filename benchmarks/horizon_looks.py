@@ -1,0 +1,82 @@
+"""Can the choice's short looks rank networks larger than the search's?
+
+python -m benchmarks.horizon_looks
+
+At the horizon (10 epochs of Fashion-MNIST, `benchmarks/final_choice`) the hand
+design resnet-3stage-2221 (696,042 params, 80M MACs: four times the quick profile's
+cap) beat the network the choice shipped, trial 139 (59,162 params, 9M MACs). The
+choice only looks at networks the search trained. Would a look of the choice's
+length (117,000 images, and a third of the horizon: 200,000), on the choice's
+split, rank the larger networks above trial 139, with the hand settings and with
+trial 139's? And what would each look cost against the search's compute
+(MAC-images: MACs per image x training images)? Runs on the final_choice study,
+which is committed; results to results/horizon_looks-cpu.json.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import optuna
+import torch
+
+from benchmarks.final_choice import STUDY_DB
+from benchmarks.machine import save
+from models import count_macs, count_params
+from models.presets import preset
+from search.data import load_dataset, search_split
+from search.records import trial_arch, trial_training
+from search.trainer import TrainConfig, train
+
+NAME = "horizon_looks"
+STUDY = "final-choice-s0"
+CHOSEN = 139  # what search.choose shipped on that study
+
+
+def main() -> None:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{STUDY_DB}")
+    trials = study.get_trials(deepcopy=False)
+    chosen = next(t for t in trials if t.number == CHOSEN)
+    spec, cfg = trial_arch(chosen), trial_training(chosen)
+    split = search_split(load_dataset("fashion-mnist"), study.user_attrs["settings"]["seed"])
+    three = preset("resnet-3stage-2221", 1, 28, 10)
+    wide = replace(  # the chosen network at twice the width
+        spec, stem_channels=32, stages=tuple(replace(s, channels=32) for s in spec.stages)
+    )
+    hand = TrainConfig(seed=cfg.seed)
+    looks = [
+        (f"trial {CHOSEN}, its settings", spec, cfg, 200_000),
+        ("resnet-3stage-2221, hand settings", three, hand, 117_000),
+        (f"resnet-3stage-2221, trial {CHOSEN}'s settings", three, cfg, 117_000),
+        ("resnet-tiny, hand settings", preset("resnet-tiny", 1, 28, 10), hand, 117_000),
+        (f"trial {CHOSEN} at 2x width, its settings", wide, cfg, 117_000),
+        ("resnet-3stage-2221, hand settings", three, hand, 200_000),
+    ]
+    searched = sum(
+        count_macs(trial_arch(t)) * max(t.intermediate_values)
+        for t in trials
+        if t.intermediate_values
+    )
+    rows = []
+    for name, s, c, images in looks:
+        start = time.perf_counter()
+        result = train(s, replace(c, images=images), split.train_val, device=torch.device("cpu"))
+        rows.append({
+            "look": name,
+            "params": count_params(s),
+            "macs": count_macs(s),
+            "images": images,
+            "validation": round(result.history[-1].val_acc, 4),
+            "seconds": round(time.perf_counter() - start, 1),
+            "share_of_search_mac_images": round(count_macs(s) * images / searched, 3),
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+        on = f"{len(split.train_y)}+{len(split.val_y)}"
+        save(NAME, {"study": STUDY, "chosen": CHOSEN, "split": on,
+                    "search_mac_images": searched, "looks": rows})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
