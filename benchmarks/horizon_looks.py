@@ -11,10 +11,17 @@ split, rank the larger networks above trial 139, with the hand settings and with
 trial 139's? And what would each look cost against the search's compute
 (MAC-images: MACs per image x training images)? Runs on the final_choice study,
 which is committed; results to results/horizon_looks-cpu.json.
+
+With `--horizon-seeds 0 ...`, the looks' wider copy of trial 139 is also trained for
+the horizon as final_choice trains its contenders (search.final, whole training
+set, test split): does the searched shape, grown, beat the hand designs? Those
+runs are added to the file's `horizon_runs` (kept, not repeated).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from dataclasses import replace
 
@@ -22,10 +29,11 @@ import optuna
 import torch
 
 from benchmarks.final_choice import STUDY_DB
-from benchmarks.machine import save
-from models import count_macs, count_params
+from benchmarks.machine import result_path, save
+from models import ArchSpec, count_macs, count_params
 from models.presets import preset
 from search.data import load_dataset, search_split
+from search.final import train_final
 from search.records import trial_arch, trial_training
 from search.trainer import TrainConfig, train
 
@@ -35,6 +43,10 @@ CHOSEN = 139  # what search.choose shipped on that study
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--horizon-seeds", type=int, nargs="*", default=None,
+                    help="train the wider copy for the horizon (no looks)")  # fmt: skip
+    args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{STUDY_DB}")
     trials = study.get_trials(deepcopy=False)
@@ -46,6 +58,9 @@ def main() -> None:
         spec, stem_channels=32, stages=tuple(replace(s, channels=32) for s in spec.stages)
     )
     hand = TrainConfig(seed=cfg.seed)
+    if args.horizon_seeds is not None:
+        horizon(f"trial {CHOSEN} at 2x width, its settings", wide, cfg, args.horizon_seeds)
+        return
     looks = [
         (f"trial {CHOSEN}, its settings", spec, cfg, 200_000),
         ("resnet-3stage-2221, hand settings", three, hand, 117_000),
@@ -76,6 +91,27 @@ def main() -> None:
         on = f"{len(split.train_y)}+{len(split.val_y)}"
         save(NAME, {"study": STUDY, "chosen": CHOSEN, "split": on,
                     "search_mac_images": searched, "looks": rows})  # fmt: skip
+
+
+def horizon(name: str, spec: ArchSpec, cfg: TrainConfig, seeds: list[int], epochs: int = 10):
+    """Train `spec` for final_choice's horizon, once per seed; add the runs to the file."""
+    path = result_path(NAME)
+    record = json.loads(path.read_text())
+    runs = record.setdefault("horizon_runs", [])
+    ds = load_dataset("fashion-mnist")
+    for seed in seeds:
+        if any(r["contender"] == name and r["seed"] == seed for r in runs):
+            continue
+        result, _ = train_final(spec, replace(cfg, seed=seed), epochs, ds, torch.device("cpu"))
+        runs.append({
+            "contender": name, "params": count_params(spec), "macs": count_macs(spec),
+            "epochs": epochs, "seed": seed, "test_accuracy": result["test_accuracy"],
+            "seconds": result["seconds"],
+            "curve": [round(e["test_accuracy"], 4) for e in result["epochs"]],
+            "train_accuracy": [round(e["train_accuracy"], 4) for e in result["epochs"]],
+        })  # fmt: skip
+        print(runs[-1], flush=True)
+        save(NAME, {k: v for k, v in record.items() if k not in ("benchmark", "date", "machine")})
 
 
 if __name__ == "__main__":
