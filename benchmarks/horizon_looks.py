@@ -93,7 +93,9 @@ def main() -> None:
                     "search_mac_images": searched, "looks": rows})  # fmt: skip
 
 
-def horizon(name: str, spec: ArchSpec, cfg: TrainConfig, seeds: list[int], epochs: int = 10):
+def horizon(
+    name: str, spec: ArchSpec, cfg: TrainConfig, seeds: list[int], epochs: int = 10
+) -> None:
     """Train `spec` for final_choice's horizon, once per seed; add the runs to the file."""
     path = result_path(NAME)
     record = json.loads(path.read_text())
