@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -121,3 +122,20 @@ class Progress:
             f"failed {c['failed']}" + (f" best {best.value:.4f}" if best else ""),
             refresh=True,
         )
+
+
+def tool(name: str) -> str:
+    """How to call a command of this environment: bare when PATH finds this one (an
+    activated venv), else by its path (`.venv/bin/...`): the `python` on PATH may be
+    one without the project."""
+    here = Path(sys.executable) if name == "python" else Path(sys.executable).parent / name
+    if not here.exists():  # installed elsewhere (pip --user): PATH's, if any
+        return shutil.which(name) or name
+    on_path = shutil.which(name)
+    if on_path and os.path.abspath(on_path) == os.path.abspath(here):  # not resolved: a
+        return name  # venv's python links to the base interpreter, which has no project
+    try:
+        relative = os.path.relpath(here)
+    except ValueError:  # another drive, or no cwd
+        return str(here)
+    return relative if os.sep in relative and not relative.startswith("..") else str(here)

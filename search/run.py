@@ -12,7 +12,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from search.cli import (
     human,
     parse_bytes,
     parse_count,
+    tool,
 )
 from search.data import DataError, load_dataset, search_split
 from search.env import device_name
@@ -333,23 +333,6 @@ def where(workers: int, gpus: int) -> str:
         return f"{gpus} GPU(s){each}"
     threads = launch.cpu_threads(workers, launch.cpu_cores())
     return f"the CPU, {threads} thread{'s' if threads > 1 else ''} each"
-
-
-def tool(name: str) -> str:
-    """How to call a command of this environment: bare when PATH finds this one (an
-    activated venv), else by its path (`.venv/bin/...`): the `python` on PATH may be
-    one without the project."""
-    here = Path(sys.executable) if name == "python" else Path(sys.executable).parent / name
-    if not here.exists():  # installed elsewhere (pip --user): PATH's, if any
-        return shutil.which(name) or name
-    on_path = shutil.which(name)
-    if on_path and os.path.abspath(on_path) == os.path.abspath(here):  # not resolved: a
-        return name  # venv's python links to the base interpreter, which has no project
-    try:
-        relative = os.path.relpath(here)
-    except ValueError:  # another drive, or no cwd
-        return str(here)
-    return relative if os.sep in relative and not relative.startswith("..") else str(here)
 
 
 def finish(

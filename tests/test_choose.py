@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import sys
 from pathlib import Path
 
 from search import choose
@@ -95,7 +97,12 @@ def test_choose_writes_the_chosen_network_and_settings_and_resumes(finished, tmp
                f"{choice['settings']} settings")  # fmt: skip
     assert row["validation"] == top and choice["images_trained"] == n * lengths[0]
     assert best["training"]["seed"] is not None and best["horizon"]["epochs"] == 3
-    assert "ship: trial" in text and "--epochs 3 --seeds 3" in text
+    assert "ship: trial" in text
+    # The command it prints final-trains that file, with this environment, at the horizon.
+    line = next(x for x in text.splitlines() if x.startswith("next: "))
+    command = shlex.split(line.removeprefix("next: "))
+    assert Path(shutil.which(command[0]) or command[0]).resolve() == Path(sys.executable).resolve()
+    assert command[1:] == ["-m", "search.train", str(out), "--epochs", "3", "--seeds", "3"]
     # Its runs see the whole training set less the held-out images, and all of those.
     settings = study.user_attrs["settings"]
     whole = search_split(load_dataset(settings["dataset"]), settings["seed"])

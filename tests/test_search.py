@@ -480,7 +480,7 @@ def test_printed_commands_name_the_venv_unless_path_finds_it(tmp_path, monkeypat
     import os
     import sys
 
-    from search.run import tool
+    from search.cli import tool
 
     base, venv = tmp_path / "base" / "bin", tmp_path / "venv" / "bin"
     base.mkdir(parents=True)
