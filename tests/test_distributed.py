@@ -253,16 +253,22 @@ def interrupt_mid_trial(args: list[str], name: str, url: str, cwd, signum: int, 
     p = search(*args, cwd=cwd)
 
     def busy():
-        """Every worker training a candidate that started under a second ago (a trial
-        of SLOW_IMAGES takes seconds), so that the signal stops it rather than its end.
-        (Its start, not its reports: a worker writes those when the trial is told.)"""
+        """Every worker training a candidate in the first third of its time (a trial
+        completed already says how long one takes on this machine, loaded or not), so that
+        the signal stops it rather than its end. (Its start, not its reports: a worker
+        writes those when the trial is told.) A fixed second was too narrow a window for
+        two workers' starts to share on a slow, loaded VM: they never did within 180 s."""
         import datetime
 
         trials = load(url, name)
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        if not done:
+            return False
+        third = min((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / 3
         now = datetime.datetime.now()
-        early = [t for t in training(trials) if (now - t.datetime_start).total_seconds() < 1.0]
-        done = counts(trials)["complete"]
-        return done >= 1 and len(early) >= workers and len(processes_of(name)) >= workers
+        since = [(now - t.datetime_start).total_seconds() for t in training(trials)]
+        early = [s for s in since if s < max(1.0, third)]
+        return len(early) >= workers and len(processes_of(name)) >= workers
 
     wait_for(busy, f"{workers} running trial(s)", p, timeout=180)
     t0 = time.time()
