@@ -23,7 +23,6 @@ become studies/<study>/best.json, what `search.train` then trains.
 from __future__ import annotations
 
 import math
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from pathlib import Path
 from optuna.trial import FrozenTrial
 
 from models import ArchSpec, count_params
-from search.cli import Parser, add_study_args, duration, load_existing, tool
+from search.cli import Parser, add_study_args, duration, load_existing, train_command
 from search.data import DataError, SearchData, load_dataset, search_split
 from search.front import pareto_front
 from search.horizon import Horizon, cost
@@ -257,11 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     export = export_trial(study, trial) | {"training": winner.cfg.to_dict(), "choice": choice}
     out = Path(args.out or Path("studies") / args.study_name / "best.json")
     write_json(out, export)
-    data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
-    command = [tool("python"), "-m", "search.train", str(out), *data_dir]
     print(
         f"ship: {winner.name} ({count_params(winner.spec):,} params); wrote {out}\n"
-        f"next: {shlex.join(command)} --epochs {horizon.epochs} --seeds 3\n"
+        f"next: {train_command(out, horizon.epochs, args.data_dir)}\n"
         f"      {cost(3, horizon.epochs, horizon.train_images, None)}; this choice trained "
         f"{choice['images_trained']:,} images"
         + (f" in {duration(choice['seconds'])}" if choice["seconds"] is not None else "")

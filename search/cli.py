@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -139,3 +140,11 @@ def tool(name: str) -> str:
     except ValueError:  # another drive, or no cwd
         return str(here)
     return relative if os.sep in relative and not relative.startswith("..") else str(here)
+
+
+def train_command(path: Path | str, epochs: int, data_dir: str | None) -> str:
+    """The command that final-trains an exported network for the horizon, 3 seeds, as
+    search.run and search.choose print it."""
+    extra = ["--data-dir", data_dir] if data_dir else []
+    argv = [tool("python"), "-m", "search.train", str(path), *extra]
+    return f"{shlex.join(argv)} --epochs {epochs} --seeds 3"

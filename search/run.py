@@ -32,6 +32,7 @@ from search.cli import (
     parse_bytes,
     parse_count,
     tool,
+    train_command,
 )
 from search.data import DataError, load_dataset, search_split
 from search.env import device_name
@@ -363,9 +364,8 @@ def finish(
             + (f", about {duration(share / speed)} here" if speed else "")
             + "; it rewrites best.json"
         )
-        command = [tool("python"), "-m", "search.train", str(path), *data_dir]
         print(
-            f"next: {shlex.join(command)} --epochs {h.epochs} --seeds 3   # final training at "
+            f"next: {train_command(path, h.epochs, args.data_dir)}   # final training at "
             "the horizon: test accuracy, mean +- sd"
         )
         print(
