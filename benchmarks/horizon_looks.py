@@ -82,8 +82,7 @@ def main() -> None:
         for t in trials
         if t.intermediate_values
     )
-    path = result_path(NAME)
-    record = json.loads(path.read_text()) if path.exists() else {}
+    record = saved()
     rows = record.setdefault("looks", [])
     record |= {"study": STUDY, "chosen": CHOSEN, "search_mac_images": searched}
     record["split"] = f"{len(split.train_y)}+{len(split.val_y)}"
@@ -105,12 +104,17 @@ def main() -> None:
         save(NAME, {k: v for k, v in record.items() if k not in ("benchmark", "date", "machine")})
 
 
+def saved() -> dict:
+    """The results so far, on any machine: the figures are accuracies (final_choice too)."""
+    path = result_path(NAME)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def horizon(
     name: str, spec: ArchSpec, cfg: TrainConfig, seeds: list[int], epochs: int = 10
 ) -> None:
     """Train `spec` for final_choice's horizon, once per seed; add the runs to the file."""
-    path = result_path(NAME)
-    record = json.loads(path.read_text())
+    record = saved()
     runs = record.setdefault("horizon_runs", [])
     ds = load_dataset("fashion-mnist")
     for seed in seeds:
