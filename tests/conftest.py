@@ -55,6 +55,21 @@ def examples(full: int) -> list:
     return [max(25, full // 10), pytest.param(full, marks=pytest.mark.slow, id=f"all-{full}")]
 
 
+def _small():
+    """resnet-tiny at half its widths: a quarter of its 49M MACs, for the tests that train
+    a few steps of some network (the trainer, not the network, under test)."""
+    from dataclasses import replace
+
+    from models.presets import preset
+
+    tiny = preset("resnet-tiny")
+    stages = tuple(replace(s, channels=s.channels // 2) for s in tiny.stages)
+    return replace(tiny, stem_channels=tiny.stem_channels // 2, stages=stages)
+
+
+SMALL = _small()
+
+
 @dataclass(frozen=True)
 class Finished:
     """A finished study, as `search.run` leaves it, shared by the tests that read one."""

@@ -16,11 +16,10 @@ import torch
 
 import search.trainer as trainer
 from models import build_model
-from models.presets import preset
 from search.data import Split, augment, random_crop, random_flip, synthetic
 from search.trainer import Normalize, TrainConfig, evaluate, initial_model, make_optimizer, train
 
-TINY = preset("resnet-tiny")
+from conftest import SMALL
 
 
 @pytest.mark.parametrize("flip", [True, False])
@@ -52,7 +51,9 @@ def test_bf16_autocast_branch_trains_on_the_cpu() -> None:
 
     trainer.initial_model = spying
     try:
-        res = train(TINY, TrainConfig(images=2048, batch_size=64, lr=0.05), d.train_test, bf16=True)
+        res = train(
+            SMALL, TrainConfig(images=2048, batch_size=64, lr=0.05), d.train_test, bf16=True
+        )
     finally:
         trainer.initial_model = real
     assert set(dtypes) == {torch.bfloat16}
@@ -66,7 +67,7 @@ def test_one_autocast_context_serves_the_whole_run(monkeypatch) -> None:
     made, real = [], trainer.autocast
     monkeypatch.setattr(trainer, "autocast", lambda *a, **k: made.append(a) or real(*a, **k))
     d = synthetic(n_train=256, n_test=64)
-    train(TINY, TrainConfig(images=512, batch_size=64), d.train_test, rungs=(0.5, 1.0))
+    train(SMALL, TrainConfig(images=512, batch_size=64), d.train_test, rungs=(0.5, 1.0))
     assert len(made) == 1
 
 
@@ -83,7 +84,7 @@ def test_fused_optimizer_matches_the_unfused_one(optimizer) -> None:
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     x = x.to(memory_format=torch.channels_last)
     torch.manual_seed(0)
-    model = build_model(TINY).to(memory_format=torch.channels_last)
+    model = build_model(SMALL).to(memory_format=torch.channels_last)
     models = [model, copy.deepcopy(model)]
     opts = [make_optimizer(m, cfg, fused=f) for m, f in zip(models, (True, False), strict=True)]
     assert opts[0].defaults.get("fused") is True and opts[1].defaults.get("fused") is None
@@ -101,7 +102,7 @@ def test_fused_optimizer_matches_the_unfused_one(optimizer) -> None:
 
 def test_the_model_and_its_input_are_channels_last() -> None:
     """channels_last feeds Tensor Cores on CUDA; the trainer builds it on every device."""
-    model = initial_model(TINY, TrainConfig(), torch.device("cpu"))
+    model = initial_model(SMALL, TrainConfig(), torch.device("cpu"))
     convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     norm = Normalize((0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
@@ -113,7 +114,7 @@ def test_a_fixed_shape_evaluation_gives_the_ragged_ones_result() -> None:
     """The ragged last batch padded to the batch size (so cudnn.benchmark tunes one shape):
     the padding never reaches the loss, the accuracy or the predictions."""
     d = synthetic(n_train=64, n_test=300)
-    model = build_model(TINY).to(memory_format=torch.channels_last).eval()
+    model = build_model(SMALL).to(memory_format=torch.channels_last).eval()
     norm = Normalize(d.mean, d.std, torch.device("cpu"))
     split = Split(d.train_x, d.train_y, d.mean, d.std, d.test_x, d.test_y)
     for tta in (False, True):
@@ -131,8 +132,8 @@ def test_a_cuda_trial_learns_and_agrees_with_the_cpu() -> None:
     the CPU (fp32): both learn, to accuracies a few points apart at most."""
     d = synthetic(n_train=2048, n_test=512)
     cfg = TrainConfig(images=8192, batch_size=128, lr=0.05)
-    gpu = train(TINY, cfg, d.train_test, device="cuda")
-    cpu = train(TINY, cfg, d.train_test, device="cpu")
+    gpu = train(SMALL, cfg, d.train_test, device="cuda")
+    cpu = train(SMALL, cfg, d.train_test, device="cpu")
     assert gpu.device.startswith("cuda") and gpu.history[-1].val_acc > 0.8
     assert abs(gpu.history[-1].val_acc - cpu.history[-1].val_acc) <= 0.05
 
@@ -195,10 +196,10 @@ def test_workers_per_gpu_without_a_gpu_is_a_clear_error(capsys) -> None:
 
 def test_cuda_graphs_off_a_gpu_are_off_by_default_and_a_clear_error_when_asked() -> None:
     d = synthetic(n_train=256, n_test=64)
-    res = train(TINY, TrainConfig(images=256, batch_size=64), d.train_test)
+    res = train(SMALL, TrainConfig(images=256, batch_size=64), d.train_test)
     assert res.graphed is False and res.graph_error is None
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
-        train(TINY, TrainConfig(images=256, batch_size=64), d.train_test, graphs=True)
+        train(SMALL, TrainConfig(images=256, batch_size=64), d.train_test, graphs=True)
 
 
 @pytest.mark.gpu
@@ -210,7 +211,7 @@ def test_cuda_graphs_learn_as_eager_does_and_leave_a_plain_model(dropout) -> Non
     sane BatchNorm statistics (capturing ran it on noise, and they were put back)."""
     import dataclasses
 
-    spec = dataclasses.replace(TINY, dropout=dropout)
+    spec = dataclasses.replace(SMALL, dropout=dropout)
     d = synthetic(n_train=2048, n_test=512)
     cfg = TrainConfig(images=8192, batch_size=128, lr=0.05, ema=0)
     graphed = train(spec, cfg, d.train_test, device="cuda")

@@ -188,7 +188,9 @@ def test_ahead_the_next_candidate_is_sampled_while_one_trains(tmp_path) -> None:
     assert told_on_main and not any(told_on_main)
 
 
-def slow_ahead(url: str, until: Callable[[optuna.Study], bool], stop: Stop | None = None) -> Search:
+def slow_ahead(
+    url: str, until: Callable[[optuna.Study], bool], stop: Stop | None = None, **changes: object
+) -> Search:
     """A Search that proposes ahead and whose training waits (up to 10 s) until
     `until(study)` holds, then requests `stop` if given, and trains."""
     import time
@@ -205,7 +207,7 @@ def slow_ahead(url: str, until: Callable[[optuna.Study], bool], stop: Stop | Non
                 stop.request()
             return super().train(spec, cfg, on_eval, stop_)
 
-    return small_as(Slow, ahead=True, limits=Limits(5_000_000))
+    return small_as(Slow, **({"ahead": True, "limits": Limits(5_000_000)} | changes))
 
 
 def running(study: optuna.Study) -> list[FrozenTrial]:
@@ -256,8 +258,12 @@ def test_ahead_a_timeout_starts_no_trial_after_the_deadline(tmp_path) -> None:
     # deadline of 0.1 s was flaky: a cold first proposal can take longer, and then no
     # trial starts at all).
     start = time.monotonic()
+    # a trial of about a second: the deadline, not the training, is under test
+    short = Profile("test", 256, (1.0,), min_steps=4, batch_sizes=(64,))
     search = slow_ahead(
-        url, lambda s: len(running(s)) == 3 and time.monotonic() > start + timeout + 0.5
+        url,
+        lambda s: len(running(s)) == 3 and time.monotonic() > start + timeout + 0.5,
+        profile=short,
     )
     study = open_study(url, "s", heartbeat=None)
     why = run_worker(study, search, Slots(study, 5, None), Stop(), url=None, timeout=timeout)

@@ -14,14 +14,13 @@ import pytest
 import torch
 
 from docs.screenshots import CHROMIUM, FLAGS, dashboard
-from models.presets import preset
 from search import report
 from search.data import synthetic
 from search.final import summarize, train_final
 from search.records import write_json
 from search.trainer import TrainConfig
 
-TINY = preset("resnet-tiny")
+from conftest import SMALL
 
 
 def need_browser():
@@ -57,12 +56,12 @@ def open_page(browser, url: str):
 def test_report_renders_its_plots(finished, browser, tmp_path) -> None:
     url, name = finished.url, finished.name
     result = tmp_path / "result.json"
-    # A real final training: resnet-tiny, 2 epochs, 2 seeds on the synthetic data.
+    # A real final training: resnet-tiny at half width, 2 epochs, 2 seeds on the synthetic data.
     data, cfg = synthetic(n_train=512, n_test=128), TrainConfig(batch_size=128)
     runs = [
-        train_final(TINY, replace(cfg, seed=s), 2, data, torch.device("cpu"))[0] for s in (0, 1)
+        train_final(SMALL, replace(cfg, seed=s), 2, data, torch.device("cpu"))[0] for s in (0, 1)
     ]
-    write_json(result, summarize(TINY, cfg, 2, data, torch.device("cpu"), runs))
+    write_json(result, summarize(SMALL, cfg, 2, data, torch.device("cpu"), runs))
     out = tmp_path / "report.html"
     assert (
         report.main(
