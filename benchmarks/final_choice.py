@@ -1,7 +1,7 @@
 """Is the network the product ships the best one after the training the user runs?
 
 python -m benchmarks.final_choice [--seed 0] [--trials 100] [--horizon 10]
-    [--seeds 0 1 2] [--resume]
+    [--seeds 0 1 2] [--resume] [--only CONTENDER ...]
 
 One quick Fashion-MNIST search (`search.run --quick --horizon H`), then the
 product's choice for the horizon (`search.choose`), then every contender trained
@@ -122,6 +122,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--storage", default=f"sqlite:///{STUDY_DB}")
     ap.add_argument("--resume", action="store_true", help="keep the runs already saved")
+    ap.add_argument("--only", nargs="+", metavar="CONTENDER",
+                    help="run only these contenders now (names as in the results' table, "
+                    "e.g. chosen): the others wait for a later call")  # fmt: skip
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     name = f"final-choice-s{args.seed}"
@@ -183,9 +186,13 @@ def main() -> None:
         },
     }
     device = torch.device("cpu")
+    unknown = set(args.only or []) - set(designs)
+    if unknown:
+        raise SystemExit(f"error: no contender {', '.join(sorted(unknown))}; known: "
+                         f"{', '.join(designs)}")  # fmt: skip
     for dname, spec, cfg, seed in order(designs, args.seeds):
         k = key(spec, cfg)
-        if (k, seed) in done:
+        if (k, seed) in done or (args.only and dname not in args.only):
             continue
         result, _ = train_final(spec, replace(cfg, seed=seed), args.horizon, ds, device)
         runs.append({"key": k, "design": dname, "seed": seed,
@@ -224,8 +231,9 @@ def summarize(record: dict, runs: list[dict], study: optuna.Study, seeds: list[i
     return record | {
         "complete": len(full) == len(table),
         "seeds": seeds,
-        # the choice's extra compute: its training images over the search's (goal <= 0.5)
-        "choice_share_of_search": round(
+        # the choice's extra compute: its MAC-images over the search's (goal <= 0.5)
+        "choice_share_of_search": record["choice"].get("share_of_search_compute"),
+        "choice_share_of_search_images": round(
             record["choice"]["images_trained"] / record["search"]["images"], 3
         ),
         "chosen_test_mean": chosen["test_mean"],

@@ -4,20 +4,29 @@ A trial ranks candidates after a short training (the quick profile: 24,000 image
 the network shipped is trained for the horizon (search/horizon.py: 30 epochs of
 the whole training set by default, 75 times longer). Short training favours small
 networks that learn fast, and settings without augmentation. So the choice is
-made again, longer: successive halving over the study's accuracy/size front and its
-best few networks, each with its trial's own training settings (the hand defaults
-of `TrainConfig` were tried too, and dropped: `SETTINGS`), within half the images
-the search trained (`SHARE`): as many of them as that allows a look at least two
-trials long, the best by their trials first (`plan`). Its runs train on the
-whole training set less the held-out validation images and are measured on all of
-those (the quick profile's trials use 20,000 and 2,000 of them): the final
-training sees the whole set, and networks a few tenths of a point apart need the
-larger validation (on 2,000 images one standard error is 0.6 points at 92%; on
-5,000, 0.4). The test split stays out.
-Each rung spends the same part of that budget on its survivors and keeps the best
-1/ETA; no run is longer than 1/ETA of the horizon. Every run is recorded on the study as it
-ends, so a stopped choice resumes where it was. The chosen network and settings
-become studies/<study>/best.json, what `search.train` then trains.
+made again, longer, within a share of the search's training compute in MAC-images
+(`SHARE`; a grown network costs many times a trial's MACs per image), in two steps:
+
+1. Successive halving over the study's accuracy/size front and its best few
+   networks, each with its trial's own training settings (the hand defaults of
+   `TrainConfig` were tried too, and dropped: `SETTINGS`), within a third of that
+   share (`FIRST`) counted in the search's images (they cost what the trials did): as many of them
+   as allow a look at least two trials long, the best by their trials first (`plan`).
+   Each rung spends the same part on its survivors and keeps the best 1/ETA; no run
+   is longer than 1/ETA of the horizon.
+2. The winner against what the search could not try (`grown`): its copies 2x and 4x
+   wider and the hand designs, with its settings, within the user's limits (not the
+   quick profile's MAC cap, which bounds a trial's cost), cheapest first, as many as
+   the rest of the budget gives a look of one trial or more (`grow_plan`); the best
+   look wins, ties the cheaper.
+
+The runs train on the whole training set less the held-out validation images and
+are measured on all of those (the quick profile's trials use 20,000 and 2,000 of
+them): the final training sees the whole set, and networks a few tenths of a point
+apart need the larger validation (on 2,000 images one standard error is 0.6 points
+at 92%; on 5,000, 0.4). The test split stays out. Every run is recorded on the
+study as it ends, so a stopped choice resumes where it was. The chosen network and
+settings become studies/<study>/best.json, what `search.train` then trains.
 """
 
 from __future__ import annotations
@@ -31,18 +40,36 @@ from pathlib import Path
 
 from optuna.trial import FrozenTrial
 
-from models import ArchSpec, count_params
+from models import ArchSpec, count_macs, count_params
+from models.presets import PRESETS, preset
 from search.cli import Parser, add_study_args, duration, load_existing, train_command
 from search.data import DataError, SearchData, load_dataset, search_split
 from search.front import pareto_front
 from search.horizon import Horizon, cost
-from search.records import export_trial, ranked, trial_arch, trial_training, write_json
+from search.limits import Limits
+from search.profile import PROFILES
+from search.records import (
+    export_trial,
+    network_export,
+    ranked,
+    trial_arch,
+    trial_training,
+    write_json,
+)
 from search.study import StudyError
 from search.trainer import OutOfMemory, TrainConfig, TrainingDiverged, resolve_device, train
 
 ETA = 3  # each rung keeps 1/ETA
+GROW = (2, 4)  # the winner's widths tried at the last look
 TOP = 3  # the best trials by validation, besides the front: the short trial's near-ties
-SHARE = 0.5  # the choice trains at most this share of the images the search trained
+# The choice trains at most this share of the search's compute (MAC-images), FIRST of it
+# for the halving of the searched networks, counted in the search's images. A last look
+# that tells capacity costs more than half the search: on the final_choice study (its
+# networks at most 20M MACs, the quick profile's cap) 0.5 left no look of two trials for
+# a network grown from the winner, 1.5 one of the winner, its 2x copy and resnet-tiny,
+# 2.0 one that adds resnet-3stage-2221 (80M MACs; benchmarks/README.md#final-choice).
+SHARE = 2.0
+FIRST = 1 / 3
 # The training settings each network is tried with: the trial's own. TrainConfig's hand
 # defaults ("hand") were tried beside them and lost 5 of 6 networks by 5-7 points at the
 # first rung (66,666 images) and the chosen network by 1.1 points at the horizon (10
@@ -56,9 +83,12 @@ class Candidate:
     settings: str  # one of SETTINGS
     spec: ArchSpec
     cfg: TrainConfig
+    grown: str = ""  # a network the search did not train ("trial 139 at 2x width"), or ""
 
     @property
     def name(self) -> str:
+        if self.grown:
+            return f"{self.grown} with trial {self.trial}'s settings"
         return f"trial {self.trial} with {self.settings} settings"
 
 
@@ -88,7 +118,7 @@ def plan(
     search_images: int,
     trial_images: int,
     horizon_images: int,
-    share: float = SHARE,
+    share: float = SHARE * FIRST,
     eta: int = ETA,
 ) -> tuple[int, list[int]]:
     """How many of `n` candidates (the best by their trials first) get a longer look,
@@ -115,6 +145,73 @@ def searched_images(trials: list[FrozenTrial]) -> int:
     return sum(max(t.intermediate_values) for t in trials if t.intermediate_values)
 
 
+def searched_compute(trials: list[FrozenTrial]) -> int:
+    """The search's training compute in MAC-images: each trained trial's last rung times
+    its network's MACs per image. The unit of the choice's budget, as networks grown
+    from the winner cost many times a trial's MACs per image."""
+    return sum(
+        max(t.intermediate_values) * t.user_attrs["macs"] for t in trials if t.intermediate_values
+    )
+
+
+def widened(spec: ArchSpec, factor: int) -> ArchSpec:
+    """The same network with every width (stem and stages) `factor` times wider."""
+    stages = tuple(replace(s, channels=s.channels * factor) for s in spec.stages)
+    return replace(spec, stem_channels=spec.stem_channels * factor, stages=stages)
+
+
+def grown(winner: Candidate, limits: Limits, factors: tuple[int, ...] = GROW) -> list[Candidate]:
+    """What the search could not try, with the winner's settings: its copies `factors`
+    times wider and the hand designs (models.presets) for this input, those that fit the
+    user's limits, cheapest (MACs per image) first. The short trial favours small
+    networks that learn fast; at a horizon 25-75 trials long capacity pays: trial 139 of
+    the final_choice study at 2x width reached 94.04% at 10 epochs against its own
+    93.31% (benchmarks/README.md#final-choice)."""
+    s = winner.spec
+    named = [(f"trial {winner.trial} at {f}x width", widened(s, f)) for f in factors]
+    named += [(n, preset(n, s.in_channels, s.input_size, s.num_classes)) for n in PRESETS]
+    out, seen = [], {s}
+    for label, spec in sorted(named, key=lambda n: (count_macs(n[1]), n[0])):
+        if spec not in seen and limits.fits(spec):
+            seen.add(spec)
+            out.append(replace(winner, spec=spec, grown=label))
+    return out
+
+
+def grow_plan(
+    macs: list[int], compute: float, trial_images: int, horizon_images: int, eta: int = ETA
+) -> tuple[int, int]:
+    """How many of the networks (`macs` per image each, cheapest first, the winner first)
+    one look of equal length can compare within `compute` MAC-images, and its length: the
+    most networks whose look is at least two trials long (as `plan`'s: a shorter look
+    favours the small networks as the trials did), at most the horizon / eta. (1, 0):
+    none besides the winner fits."""
+    for k in range(len(macs), 1, -1):
+        length = int(min(compute / sum(macs[:k]), horizon_images / eta))
+        if length >= 2 * trial_images:
+            return k, length
+    return 1, 0
+
+
+def user_limits(settings: dict) -> Limits | None:
+    """The limits the shipped network must fit, from the study's settings: the budget and
+    the user's own; not the profile's cap on MACs per image (the quick profile's keeps a
+    CPU trial short; it does not bound the network shipped). None under a latency limit:
+    judging a grown network against it needs the table's machine, so none is grown."""
+    if settings.get("max_latency_ms") is not None:
+        return None
+    profile = PROFILES.get(settings["profile"]["name"])
+    profile_cap = profile.max_macs if profile else None
+    macs = settings.get("max_macs")
+    return Limits(
+        settings["budget"],
+        None if macs == profile_cap else macs,
+        settings.get("max_bytes"),
+        settings.get("weight_dtype", "fp32"),
+        settings.get("max_activation_bytes"),
+    )
+
+
 def halve(
     cands: list[Candidate],
     lengths: list[int],
@@ -127,10 +224,22 @@ def halve(
     for rung, length in enumerate(lengths, 1):
         scored = [(run(c, length), c) for c in alive]
         rows += [{"rung": rung, "images": length, "candidate": c.name, "trial": c.trial,
-                  "settings": c.settings, "validation": acc} for acc, c in scored]  # fmt: skip
+                  "settings": c.settings, "macs": count_macs(c.spec), "validation": acc}
+                 for acc, c in scored]  # fmt: skip
+        # ties: the earlier trial, its own settings, the cheaper network (sort is stable)
         scored.sort(key=lambda s: (-s[0], s[1].trial, s[1].settings != "trial"))
         alive = [c for _, c in scored[: max(1, math.ceil(len(scored) / eta))]]
     return alive[0], rows
+
+
+def runs(rows: list[dict]) -> list[dict]:
+    """The rows of distinct runs: the winner's last look may be its rung's run again."""
+    return list({(r["candidate"], r["images"]): r for r in rows}.values())
+
+
+def compute(rows: list[dict]) -> int:
+    """The choice runs' training compute in MAC-images."""
+    return sum(r["images"] * r["macs"] for r in runs(rows))
 
 
 def run_key(candidate: str, images: int, split: str) -> str:
@@ -146,7 +255,7 @@ def split_name(split: SearchData) -> str:
 def spent(seconds: dict[str, float], rows: list[dict], split: str) -> float | None:
     """The choice's training seconds; None when a run's time was not recorded (a choice
     begun before they were)."""
-    keys = [run_key(r["candidate"], r["images"], split) for r in rows]
+    keys = [run_key(r["candidate"], r["images"], split) for r in runs(rows)]
     return round(sum(seconds[k] for k in keys), 1) if all(k in seconds for k in keys) else None
 
 
@@ -157,8 +266,8 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--top", type=int, default=TOP, help=f"best trials besides the front ({TOP})")
     ap.add_argument("--share", type=float, default=SHARE,
-                    help="the most the choice trains, as a share of the images the search "
-                    f"trained ({SHARE})")  # fmt: skip
+                    help="the most the choice trains, as a share of the search's training "
+                    f"compute in MAC-images ({SHARE})")  # fmt: skip
     ap.add_argument("-o", "--out", help="default studies/<study>/best.json")
     args = ap.parse_args(argv)
     if args.top < 1:
@@ -187,13 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     horizon = Horizon.from_dict(study.user_attrs["horizon"])
-    searched = searched_images(trials)
-    k, lengths = plan(len(cands), searched, p["images"], horizon.images, args.share)
-    looked = cands[:k]
+    searched, budget = searched_images(trials), args.share * searched_compute(trials)
+    # The searched networks cost what the trials did: FIRST of the budget, counted in images.
+    k, lengths = plan(len(cands), searched, p["images"], horizon.images, args.share * FIRST)
     print(
         f"choosing for a final training of {horizon.epochs} epochs of the "
         f"{horizon.train_images:,} training images ({horizon.images:,} images), on "
-        f"{len(split.train_y):,} training and {len(split.val_y):,} validation images"
+        f"{len(split.train_y):,} training and {len(split.val_y):,} validation images, "
+        f"within {args.share:g}x the search's compute ({budget:.3g} MAC-images)"
     )
     on = split_name(split)
     done: dict[str, float] = dict(study.user_attrs.get("choice_runs", {}))
@@ -220,48 +330,77 @@ def main(argv: list[str] | None = None) -> int:
             )
         return done[key]
 
-    if not lengths:
-        best = ranked(trials)[0]
-        winner = Candidate(best.number, "trial", trial_arch(best), trial_training(best))
-        rows: list[dict] = []
-        print(
-            f"{args.share:g} of the search's {searched:,} images allows no look of two "
-            f"trials ({p['images']:,} images each) or more, or the horizon is too near: "
-            "the trials' ranking stands (--share sets the budget)"
-        )
-    else:
-        print(
-            f"{len(cands)} networks (the front and the best {args.top}); the best {k} by "
-            f"their trials, with their settings, get a longer look within {args.share:g} of "
-            f"the search's {searched:,} images: rungs of "
-            f"{', '.join(f'{n:,}' for n in lengths)} images, keeping 1/{ETA} at each",
-            flush=True,
-        )
-        try:
-            winner, rows = halve(looked, lengths, run)
-        except KeyboardInterrupt:
-            print("\ninterrupted: the runs so far are kept; run it again to go on", file=sys.stderr)
-            return 130
+    try:
+        if not lengths:
+            best = ranked(trials)[0]
+            winner = Candidate(best.number, "trial", trial_arch(best), trial_training(best))
+            rows: list[dict] = []
+            print(
+                f"{args.share * FIRST:.2g}x the search's {searched:,} images allow no look of "
+                f"two trials ({p['images']:,} images each) or more at its networks, or the "
+                "horizon is too near: the trials' ranking stands (--share sets the budget)"
+            )
+        else:
+            print(
+                f"{len(cands)} networks (the front and the best {args.top}); the best {k} by "
+                f"their trials, with their settings, get a longer look within "
+                f"{args.share * FIRST:.2g}x the search's {searched:,} images: rungs of "
+                f"{', '.join(f'{n:,}' for n in lengths)} images, keeping 1/{ETA} at each",
+                flush=True,
+            )
+            winner, rows = halve(cands[:k], lengths, run)
+        limits = user_limits(settings)
+        pool = [winner, *grown(winner, limits)] if limits else [winner]
+        left = budget - compute(rows)
+        g, length = grow_plan([count_macs(c.spec) for c in pool], left, p["images"], horizon.images)
+        if g < 2:
+            print(
+                f"the rest of the budget ({max(left, 0):.3g} MAC-images) allows no look of two "
+                f"trials at the {len(pool) - 1} wider or hand-designed networks that fit"
+            )
+        else:
+            print(
+                f"{winner.name} against {g - 1} networks the search could not try, with its "
+                f"settings, cheapest first: {', '.join(c.grown for c in pool[1:g])}; "
+                f"{length:,} images each",
+                flush=True,
+            )
+            winner, more = halve(pool[:g], [length], run, eta=g)
+            rows += [r | {"rung": len(lengths) + 1} for r in more]
+    except KeyboardInterrupt:
+        print("\ninterrupted: the runs so far are kept; run it again to go on", file=sys.stderr)
+        return 130
     trial = next(t for t in trials if t.number == winner.trial)
     choice = {
         "trial": winner.trial,
         "settings": winner.settings,
+        "network": winner.name,
+        "grown": winner.grown or None,
         "horizon": horizon.to_dict(),
         "rungs": rows,
-        "images_trained": sum(r["images"] for r in rows),
+        "images_trained": sum(r["images"] for r in runs(rows)),
+        "compute": compute(rows),  # MAC-images
+        "share_of_search_compute": round(compute(rows) / searched_compute(trials), 3),
         # its runs' training time, those of earlier calls too (a resumed choice ran them)
         "seconds": spent(seconds, rows, on),
     }
     study.set_user_attr("choice", {k: v for k, v in choice.items() if k != "rungs"})
     export = export_trial(study, trial) | {"training": winner.cfg.to_dict(), "choice": choice}
+    if winner.grown:
+        look = rows[-1]["images"]
+        export |= network_export(winner.spec) | {
+            "validation": {"accuracy": done[run_key(winner.name, look, on)], "images": len(
+                split.val_y), "train_images": look, "curve": None, "loss": None},
+        }  # fmt: skip
     out = Path(args.out or Path("studies") / args.study_name / "best.json")
     write_json(out, export)
     print(
         f"ship: {winner.name} ({count_params(winner.spec):,} params); wrote {out}\n"
         f"next: {train_command(out, horizon.epochs, args.data_dir)}\n"
         f"      {cost(3, horizon.epochs, horizon.train_images, None)}; this choice trained "
-        f"{choice['images_trained']:,} images"
-        + (f" in {duration(choice['seconds'])}" if choice["seconds"] is not None else "")
+        f"{choice['images_trained']:,} images, {choice['share_of_search_compute']:g}x the "
+        "search's compute"
+        + (f", in {duration(choice['seconds'])}" if choice["seconds"] is not None else "")
     )
     return 0
 

@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from models import ArchSpec
+from models import ArchSpec, count_macs, count_params
 from models.complexity import count_activation_bytes, count_bytes
 from search.env import versions
 from search.slots import is_trained
@@ -96,17 +96,24 @@ def weight_bytes(spec: ArchSpec) -> dict[str, int]:
     return {dtype: count_bytes(spec, dtype) for dtype in ("fp32", "fp16", "int8")}
 
 
+def network_export(spec: ArchSpec) -> dict[str, Any]:
+    """The export's members that describe the network (search.choose ships a network
+    grown from a trial's with these replaced)."""
+    return {
+        "architecture": spec.to_dict(),
+        "params": count_params(spec),
+        "macs": count_macs(spec),
+        "bytes": weight_bytes(spec),
+        "activation_bytes": {d: count_activation_bytes(spec, d) for d in ("fp32", "fp16", "int8")},
+    }
+
+
 def export_trial(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     """The export format: the architecture, what it costs, how it was trained and scored."""
-    spec = trial_arch(trial)
     attrs, settings = trial.user_attrs, study.user_attrs.get("settings", {})
     return {
         "format": EXPORT_FORMAT,
-        "architecture": spec.to_dict(),
-        "params": attrs["params"],
-        "macs": attrs["macs"],
-        "bytes": weight_bytes(spec),
-        "activation_bytes": {d: count_activation_bytes(spec, d) for d in ("fp32", "fp16", "int8")},
+        **network_export(trial_arch(trial)),
         "budget": settings.get("budget"),
         "dataset": settings.get("dataset"),
         "training": attrs["training"],

@@ -22,7 +22,7 @@ import torch
 from models.complexity import DTYPE_BYTES
 from models.presets import PRESETS
 from search import latency, launch, space
-from search.choose import SHARE, searched_images
+from search.choose import SHARE
 from search.cli import (
     STORAGE_ENV,
     Parser,
@@ -355,13 +355,15 @@ def finish(
         data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
         h = Horizon.from_dict(study.user_attrs["horizon"])
         speed = ranked(trials)[0].user_attrs.get("images_per_s")
-        share = SHARE * searched_images(trials)
+        # the choice trains up to SHARE times the search's compute: about that of its time
+        took = SHARE * sum(t.user_attrs.get("train_seconds", 0) for t in trials)
         choose = [tool("python"), "-m", "search.choose", "--study-name", args.study_name,
                   "--storage", safe_url(args.storage), *data_dir]  # fmt: skip
         print(
             f"choose: {shlex.join(choose)}   # the network to ship for the horizon: the best "
-            f"by their trials trained longer, up to {share:,.0f} images (half the search's)"
-            + (f", about {duration(share / speed)} here" if speed else "")
+            "by their trials trained longer, then against its wider copies and the hand "
+            f"designs, within {SHARE:g}x the search's compute"
+            + (f", about {duration(took)} here" if took else "")
             + "; it rewrites best.json"
         )
         print(

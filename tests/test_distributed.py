@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -266,7 +267,14 @@ def interrupt_mid_trial(args: list[str], name: str, url: str, cwd, signum: int, 
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         if not done:
             return False
-        third = min((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / 3
+        # the median trial's: the shortest (a candidate a tenth as large) left a window
+        # narrower than a poll, and two workers never shared one within 180 s
+        third = (
+            statistics.median(
+                (t.datetime_complete - t.datetime_start).total_seconds() for t in done
+            )
+            / 3
+        )
         now = datetime.datetime.now()
         since = [(now - t.datetime_start).total_seconds() for t in training(trials)]
         return (
