@@ -17,8 +17,8 @@ made again, longer, within a share of the search's training compute in MAC-image
 2. The winner against what the search could not try (`grown`): its copies 2x and 4x
    wider and the hand designs, with its settings, within the user's limits (not the
    quick profile's MAC cap, which bounds a trial's cost), cheapest first, as many as
-   the rest of the budget gives a look of one trial or more (`grow_plan`); the best
-   look wins, ties the cheaper.
+   the rest of the budget gives a look of two trials or more (`grow_plan`); the best
+   look wins (ties: the winner, then the cheaper).
 
 The runs train on the whole training set less the held-out validation images and
 are measured on all of those (the quick profile's trials use 20,000 and 2,000 of
@@ -31,6 +31,7 @@ settings become studies/<study>/best.json, what `search.train` then trains.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -161,15 +162,17 @@ def widened(spec: ArchSpec, factor: int) -> ArchSpec:
 
 
 def grown(winner: Candidate, limits: Limits, factors: tuple[int, ...] = GROW) -> list[Candidate]:
-    """What the search could not try, with the winner's settings: its copies `factors`
-    times wider and the hand designs (models.presets) for this input, those that fit the
-    user's limits, cheapest (MACs per image) first. The short trial favours small
+    """What the search did not look at longer, with the winner's settings: its copies
+    `factors` times wider and the hand designs (models.presets) for this input, those
+    that fit the user's limits, cheapest (MACs per image) first. The short trial favours small
     networks that learn fast; at a horizon 25-75 trials long capacity pays: trial 139 of
     the final_choice study at 2x width reached 94.04% at 10 epochs against its own
     93.31% (benchmarks/README.md#final-choice)."""
     s = winner.spec
     named = [(f"trial {winner.trial} at {f}x width", widened(s, f)) for f in factors]
-    named += [(n, preset(n, s.in_channels, s.input_size, s.num_classes)) for n in PRESETS]
+    for name in PRESETS:
+        with contextlib.suppress(ValueError):  # too many stages for a small input
+            named.append((name, preset(name, s.in_channels, s.input_size, s.num_classes)))
     out, seen = [], {s}
     for label, spec in sorted(named, key=lambda n: (count_macs(n[1]), n[0])):
         if spec not in seen and limits.fits(spec):
@@ -200,7 +203,9 @@ def user_limits(settings: dict) -> Limits | None:
     judging a grown network against it needs the table's machine, so none is grown."""
     if settings.get("max_latency_ms") is not None:
         return None
-    profile = PROFILES.get(settings["profile"]["name"])
+    # "quick+custom": the quick profile with the user's flags (a --max-macs among them, or
+    # not: equal to the profile's cap, it is read as the cap)
+    profile = PROFILES.get(settings["profile"]["name"].split("+")[0])
     profile_cap = profile.max_macs if profile else None
     macs = settings.get("max_macs")
     return Limits(
@@ -226,10 +231,18 @@ def halve(
         rows += [{"rung": rung, "images": length, "candidate": c.name, "trial": c.trial,
                   "settings": c.settings, "macs": count_macs(c.spec), "validation": acc}
                  for acc, c in scored]  # fmt: skip
-        # ties: the earlier trial, its own settings, the cheaper network (sort is stable)
+        # ties: the earlier trial, its own settings, then the order given (sort is stable;
+        # the last look's: the winner, then the cheaper)
         scored.sort(key=lambda s: (-s[0], s[1].trial, s[1].settings != "trial"))
         alive = [c for _, c in scored[: max(1, math.ceil(len(scored) / eta))]]
     return alive[0], rows
+
+
+def most(cands: list[Candidate], lengths: list[int], eta: int = ETA) -> int:
+    """The most a halving of `cands` at `lengths` can cost in MAC-images: at each rung,
+    its survivors the most expensive."""
+    macs = sorted((count_macs(c.spec) for c in cands), reverse=True)
+    return sum(n * sum(macs[: math.ceil(len(cands) / eta**r)]) for r, n in enumerate(lengths))
 
 
 def runs(rows: list[dict]) -> list[dict]:
@@ -297,8 +310,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     horizon = Horizon.from_dict(study.user_attrs["horizon"])
     searched, budget = searched_images(trials), args.share * searched_compute(trials)
-    # The searched networks cost what the trials did: FIRST of the budget, counted in images.
-    k, lengths = plan(len(cands), searched, p["images"], horizon.images, args.share * FIRST)
+    # The searched networks cost what the trials did: FIRST of the budget, counted in images
+    # (fewer of them if their MACs could take more than the whole budget).
+    n = len(cands)
+    while True:
+        k, lengths = plan(n, searched, p["images"], horizon.images, args.share * FIRST)
+        if not lengths or most(cands[:k], lengths) <= budget:
+            break
+        n = k - 1
     print(
         f"choosing for a final training of {horizon.epochs} epochs of the "
         f"{horizon.train_images:,} training images ({horizon.images:,} images), on "
@@ -338,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{args.share * FIRST:.2g}x the search's {searched:,} images allow no look of "
                 f"two trials ({p['images']:,} images each) or more at its networks, or the "
-                "horizon is too near: the trials' ranking stands (--share sets the budget)"
+                f"horizon is too near: no halving, the best trial is trial {best.number}"
             )
         else:
             print(
@@ -353,11 +372,18 @@ def main(argv: list[str] | None = None) -> int:
         pool = [winner, *grown(winner, limits)] if limits else [winner]
         left = budget - compute(rows)
         g, length = grow_plan([count_macs(c.spec) for c in pool], left, p["images"], horizon.images)
-        if g < 2:
+        if limits is None:
+            print("a latency limit: no wider or hand-designed network is tried (it would need "
+                  "the latency table's machine to time it)")  # fmt: skip
+        elif len(pool) == 1:
+            print("no wider or hand-designed network fits the limits")
+        elif g < 2:
             print(
                 f"the rest of the budget ({max(left, 0):.3g} MAC-images) allows no look of two "
                 f"trials at the {len(pool) - 1} wider or hand-designed networks that fit"
             )
+        if g < 2 and not rows:
+            print("the trials' ranking stands (--share sets the budget)")
         else:
             print(
                 f"{winner.name} against {g - 1} networks the search could not try, with its "
@@ -386,11 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     study.set_user_attr("choice", {k: v for k, v in choice.items() if k != "rungs"})
     export = export_trial(study, trial) | {"training": winner.cfg.to_dict(), "choice": choice}
-    if winner.grown:
-        look = rows[-1]["images"]
+    if winner.grown:  # what describes the network and its score is the last look's
+        look = run_key(winner.name, rows[-1]["images"], on)
         export |= network_export(winner.spec) | {
-            "validation": {"accuracy": done[run_key(winner.name, look, on)], "images": len(
-                split.val_y), "train_images": look, "curve": None, "loss": None},
+            "validation": {"accuracy": done[look], "curve": None, "loss": None,
+                           "images": len(split.val_y), "train_images": len(split.train_y),
+                           "images_trained": rows[-1]["images"]},
+            "train_seconds": seconds.get(look), "device": str(device),
         }  # fmt: skip
     out = Path(args.out or Path("studies") / args.study_name / "best.json")
     write_json(out, export)

@@ -356,7 +356,12 @@ def finish(
         h = Horizon.from_dict(study.user_attrs["horizon"])
         speed = ranked(trials)[0].user_attrs.get("images_per_s")
         # the choice trains up to SHARE times the search's compute: about that of its time
-        took = SHARE * sum(t.user_attrs.get("train_seconds", 0) for t in trials)
+        # (a trained trial's time: a pruned one records no train_seconds)
+        took = SHARE * sum(
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            for t in trials
+            if t.intermediate_values and t.datetime_complete and t.datetime_start
+        )
         choose = [tool("python"), "-m", "search.choose", "--study-name", args.study_name,
                   "--storage", safe_url(args.storage), *data_dir]  # fmt: skip
         print(

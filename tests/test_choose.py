@@ -6,13 +6,14 @@ import json
 import shlex
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from models import ArchSpec, count_macs, count_params
 from models.presets import preset
-from search import choose
+from search import choose, train
 from search.choose import (
     FIRST,
     SHARE,
@@ -22,6 +23,7 @@ from search.choose import (
     grow_plan,
     grown,
     halve,
+    most,
     plan,
     searched_compute,
     searched_images,
@@ -134,6 +136,10 @@ def test_the_last_look_compares_as_many_as_the_rest_of_the_budget_allows() -> No
     for budget in (1e11, 1e12, 5e12, 1e13):
         k, length = grow_plan(macs, budget, 24_000, 600_000)
         assert k == 1 or (length >= 48_000 and length * sum(macs[:k]) <= budget)
+    # the most a halving can cost: each rung's survivors the most expensive
+    small, large = (Candidate(0, "trial", s, TrainConfig()) for s in (SMALL, widened(SMALL, 2)))
+    m1, m2 = count_macs(SMALL), count_macs(widened(SMALL, 2))
+    assert most([small, large, small, small], [100, 300]) == 100 * (3 * m1 + m2) + 300 * (m2 + m1)
     rows = [{"candidate": c, "images": n, "macs": m} for c, n, m in [("a", 10, 3), ("b", 2, 5)]]
     assert compute(rows) == compute([*rows, rows[0]]) == 40  # a run counts once
 
@@ -173,9 +179,9 @@ def test_choose_writes_the_chosen_network_and_settings_and_resumes(finished, tmp
     # The last look: the halving's winner first, then networks the search did not train,
     # with its settings, one length; within the budget: twice the search's compute.
     last = [r for r in rows if r["rung"] == 2]
-    first = max((r for r in rows if r["rung"] == 1), key=lambda r: r["validation"])
+    first = min((r for r in rows if r["rung"] == 1), key=lambda r: (-r["validation"], r["trial"]))
     assert len(last) >= 2 and last[0]["candidate"] == first["candidate"]
-    assert len({r["images"] for r in last}) == 1 and last[0]["images"] >= 1024
+    assert len({r["images"] for r in last}) == 1 and last[0]["images"] >= 2 * 1024
     assert {r["trial"] for r in last} == {first["trial"]}
     assert compute(rows) == choice["compute"] <= 2 * searched_compute(trials)
     top = max(last, key=lambda r: r["validation"])
@@ -193,6 +199,12 @@ def test_choose_writes_the_chosen_network_and_settings_and_resumes(finished, tmp
     command = shlex.split(line.removeprefix("next: "))
     assert Path(shutil.which(command[0]) or command[0]).resolve() == Path(sys.executable).resolve()
     assert command[1:] == ["-m", "search.train", str(out), "--epochs", "3", "--seeds", "3"]
+    # ... and what search.train reads from it is the network and settings shipped
+    args = train.parse_args([str(out)])
+    arch, cfg, dataset = train.resolve(args)
+    shipped = TrainConfig.from_dict(best["training"])  # its images: the trial's length
+    assert arch == spec and cfg == replace(shipped, images=cfg.images) and args.epochs == 3
+    assert dataset == "synthetic"
     # Its runs see the whole training set less the held-out images, and all of those.
     settings = study.user_attrs["settings"]
     whole = search_split(load_dataset(settings["dataset"]), settings["seed"])
@@ -212,7 +224,7 @@ def test_the_choose_command_search_run_prints_works_and_keeps_the_ranking_when_p
     finished, tmp_path, capsys
 ) -> None:
     """search.run's `choose:` line is a command that runs; on a search too small for a look
-    of two trials within half its images, the best trial is what it ships."""
+    of two trials within half its compute, the best trial is what it ships, as it is."""
     import shlex
 
     line = finished.out[finished.out.index("choose: ") :].splitlines()[0]
@@ -224,7 +236,10 @@ def test_the_choose_command_search_run_prints_works_and_keeps_the_ranking_when_p
     assert choose.main([*argv, "--device", "cpu", "--share", "0.5", "-o", str(out)]) == 0
     assert "the trials' ranking stands" in capsys.readouterr().out
     study = open_study(finished.url, finished.name, create=False)
-    assert json.loads(out.read_text())["trial"] == ranked(study.get_trials())[0].number
+    best, shipped = ranked(study.get_trials())[0], json.loads(out.read_text())
+    assert shipped["trial"] == best.number and shipped["choice"]["grown"] is None
+    assert ArchSpec.from_dict(shipped["architecture"]) == trial_arch(best)
+    assert shipped["choice"]["rungs"] == [] and shipped["choice"]["compute"] == 0
 
 
 def test_choose_on_a_missing_study_is_a_clear_error(tmp_path, capsys) -> None:
