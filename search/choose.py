@@ -64,12 +64,15 @@ ETA = 3  # each rung keeps 1/ETA
 GROW = (2, 4)  # the winner's widths tried at the last look
 TOP = 3  # the best trials by validation, besides the front: the short trial's near-ties
 # The choice trains at most this share of the search's compute (MAC-images), FIRST of it
-# for the halving of the searched networks, counted in the search's images. A last look
-# that tells capacity costs more than half the search: on the final_choice study (its
-# networks at most 20M MACs, the quick profile's cap) 0.5 left no look of two trials for
-# a network grown from the winner, 1.5 one of the winner, its 2x copy and resnet-tiny,
-# 2.0 one that adds resnet-3stage-2221 (80M MACs; benchmarks/README.md#final-choice).
-SHARE = 2.0
+# for the halving of the searched networks, counted in the search's images. On the
+# final_choice study (its networks at most 20M MACs, the quick profile's cap): at 0.5 no
+# grown network gets a look of two trials; at 1.5 the halving is one rung of 117,000
+# images (the best 3; trial 139 by 0.7 points), then 139, its 2x copy and resnet-tiny
+# at 83,557 each: the 2x copy by 0.6 (94.04% at the horizon against 139's 93.31). At
+# 2.0 the halving's first rung took 4 networks at 58,500 images, within 0.5 points of
+# each other, and dropped 139; it shipped trial 85 at 2x width: 93.37% at the horizon
+# (benchmarks/README.md#final-choice). Longer rungs beat more networks.
+SHARE = 1.5
 FIRST = 1 / 3
 # The training settings each network is tried with: the trial's own. TrainConfig's hand
 # defaults ("hand") were tried beside them and lost 5 of 6 networks by 5-7 points at the
