@@ -385,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"the rest of the budget ({max(left, 0):.3g} MAC-images) allows no look of two "
                 f"trials at the {len(pool) - 1} wider or hand-designed networks that fit"
             )
-        if g < 2 and not rows:
-            print("the trials' ranking stands (--share sets the budget)")
+        if g < 2:
+            if not rows:
+                print("the trials' ranking stands (--share sets the budget)")
         else:
             print(
                 f"{winner.name} against {g - 1} networks the search could not try, with its "

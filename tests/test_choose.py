@@ -218,6 +218,15 @@ def test_choose_writes_the_chosen_network_and_settings_and_resumes(finished, tmp
     assert "validation 0." not in again and json.loads(out.read_text())["trial"] == best["trial"]
     # What the choice cost is its runs' time, the earlier call's too: not 0 s on a resume.
     assert json.loads(out.read_text())["choice"]["seconds"] == choice["seconds"] > 0
+    # A MAC limit of the user's that no grown network fits: the halving's winner ships,
+    # with no last look (and nothing trains: its runs are on the study).
+    study.set_user_attr("settings", settings | {"max_macs": first["macs"]})
+    assert choose.main([*argv[:-1], str(tmp_path / "halved.json")]) == 0
+    text = capsys.readouterr().out
+    halved = json.loads((tmp_path / "halved.json").read_text())
+    assert "no wider or hand-designed network fits the limits" in text
+    assert "validation 0." not in text and halved["choice"]["network"] == first["candidate"]
+    assert [r["rung"] for r in halved["choice"]["rungs"]] == [1] * n
 
 
 def test_the_choose_command_search_run_prints_works_and_keeps_the_ranking_when_poor(
