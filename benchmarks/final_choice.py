@@ -157,7 +157,7 @@ def main() -> None:
     saved = json.loads(path.read_text()) if args.resume and path.exists() else {}
     same = saved.get("study") == name and saved.get("horizon", {}).get("epochs") == args.horizon
     runs = saved.get("runs", []) if same else []
-    notes = {k: v for k, v in saved.items() if same and (k == "note" or k.startswith("choice_at"))}
+    notes = {k: v for k, v in saved.items() if k == "note" or k.startswith("choice_at")}
     done = {(r["key"], r["seed"]) for r in runs}
     record = {
         "complete": False,
@@ -175,7 +175,8 @@ def main() -> None:
             "wall_seconds_this_call": round(search_s),
         },
         "choice": chosen["choice"] | {"rungs": None},
-        **notes,  # what earlier sessions wrote by hand beside the figures: kept on resume
+        # what earlier sessions wrote by hand beside the figures: kept on resume
+        **(notes if same else {}),
         "designs": {
             n: {
                 "key": key(s, c),

@@ -33,6 +33,7 @@ from benchmarks.final_choice import STUDY_DB
 from benchmarks.machine import result_path, save
 from models import ArchSpec, count_macs, count_params
 from models.presets import preset
+from search.choose import widened
 from search.data import load_dataset, search_split
 from search.final import train_final
 from search.records import trial_arch, trial_training
@@ -55,9 +56,7 @@ def main() -> None:
     spec, cfg = trial_arch(chosen), trial_training(chosen)
     split = search_split(load_dataset("fashion-mnist"), study.user_attrs["settings"]["seed"])
     three = preset("resnet-3stage-2221", 1, 28, 10)
-    wide = replace(  # the chosen network at twice the width
-        spec, stem_channels=32, stages=tuple(replace(s, channels=32) for s in spec.stages)
-    )
+    wide = widened(spec, 2)  # the chosen network at twice the width
     hand = TrainConfig(seed=cfg.seed)
     if args.horizon_seeds is not None:
         horizon(f"trial {CHOSEN} at 2x width, its settings", wide, cfg, args.horizon_seeds)

@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     horizon = Horizon.from_dict(study.user_attrs["horizon"])
-    searched, budget = searched_images(trials), args.share * searched_compute(trials)
+    searched, whole = searched_images(trials), searched_compute(trials)
+    budget = args.share * whole
     # The searched networks cost what the trials did: FIRST of the budget, counted in images
     # (fewer of them if their MACs could take more than the whole budget).
     n = len(cands)
@@ -401,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: the runs so far are kept; run it again to go on", file=sys.stderr)
         return 130
     trial = next(t for t in trials if t.number == winner.trial)
+    once, used = runs(rows), compute(rows)
     choice = {
         "trial": winner.trial,
         "settings": winner.settings,
@@ -408,9 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         "grown": winner.grown or None,
         "horizon": horizon.to_dict(),
         "rungs": rows,
-        "images_trained": sum(r["images"] for r in runs(rows)),
-        "compute": compute(rows),  # MAC-images
-        "share_of_search_compute": round(compute(rows) / searched_compute(trials), 3),
+        "images_trained": sum(r["images"] for r in once),
+        "compute": used,  # MAC-images
+        "share_of_search_compute": round(used / whole, 3),
         # its runs' training time, those of earlier calls too (a resumed choice ran them)
         "seconds": spent(seconds, rows, on),
     }
